@@ -1,0 +1,33 @@
+# alit-serve developer commands. `make serve` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch. Off this machine (where pip finds the CPU wheel on local disk), point pip
+# at PyTorch's CPU index, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test verify clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
+	$(PIP) install -e ".[test]"
+	$(PY) -c "import torch; print('torch', torch.__version__, 'CUDA build' if torch.version.cuda else 'CPU build')"
+	touch $@
+
+setup: $(STAMP)
+
+serve: setup
+	$(VENV)/bin/alit-serve serve
+
+test: setup
+	$(PY) -m pytest -q
+
+verify: setup
+	$(VENV)/bin/alit-serve verify tests/fixtures/alit-reference
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,389 @@
+"""ALIT: adaptive-length image tokenization via recurrent allocation (Duggal et al., ICLR 2025).
+
+One readable file for the network and its recurrence. Parameter names and shapes match the
+published state dicts, so official checkpoints load with `strict=True`.
+
+The recurrence, for iteration k = 0 .. max_iters-1 of one image:
+
+    x_0   = ln_pre([cls, image tokens] + pos  ++  latents + t_emb[0])
+    h_k   = transformer(x_k)                              # all tokens attend to all
+    ids_k = VQ(pre_quantizer_mlp(ln_post(h_k[latents])))  # all 32(k+1) latents re-quantised
+    (halting) p = P(decoder(ids_k) predicts the image's own VQGAN code at each grid cell);
+              cells with p >= threshold are replaced, with probability p, by pos + mask_token
+    x_k+1 = ln_recursive(h_k ++ latents + t_emb[k+1])
+
+The step API (`prepare`, `advance`, `decode_logits`, `reconstruct`) keeps one `ImageState` per
+image, so an engine can admit, advance and retire images independently; images at different
+iterations advance in one call, grouped into same-length cohorts or padded with attention masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ALITConfig
+from .vqgan import VQGAN
+
+BatchMode = Literal["cohort", "padded"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer: pre-LN blocks with the parameters of nn.MultiheadAttention, run through fused SDPA
+# ----------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention keeping nn.MultiheadAttention's packed parameter layout."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(w, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, w // self.heads).transpose(1, 2) for t in (q, k, v))
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, ratio: float):
+        super().__init__()
+        self.c_fc = nn.Linear(width, int(width * ratio))
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(int(width * ratio), width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), key_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def run_blocks(blocks: nn.ModuleList, seqs: list[torch.Tensor], mode: BatchMode) -> list[torch.Tensor]:
+    """Run a list of (L_i, W) sequences of possibly different lengths through `blocks`.
+
+    "cohort": one batched call per distinct length. "padded": one call, keys beyond each
+    sequence's length masked out. Either way each sequence's result depends only on itself.
+    """
+
+    def run(x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for blk in blocks:
+            x = blk(x, key_mask)
+        return x
+
+    lengths = [s.shape[0] for s in seqs]
+    out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+    if mode == "padded" and len(set(lengths)) > 1:
+        lmax = max(lengths)
+        x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        key_mask = torch.arange(lmax, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]
+        y = run(x, key_mask)
+        return [y[i, :n] for i, n in enumerate(lengths)]
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_len.setdefault(n, []).append(i)
+    for idx in by_len.values():
+        y = run(torch.stack([seqs[i] for i in idx]))
+        for j, i in enumerate(idx):
+            out[i] = y[j]
+    return out
+
+
+class LatentQuantizer(nn.Module):
+    """The 1D vector quantiser: nearest code by distance between L2-normalised vectors."""
+
+    def __init__(self, codebook_size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(codebook_size, dim)
+        nn.init.uniform_(self.embedding.weight, -1 / codebook_size, 1 / codebook_size)
+
+    def codes(self) -> torch.Tensor:
+        """The L2-normalised codebook (what the decoder receives), float32."""
+        return F.normalize(self.embedding.weight.float(), dim=-1)
+
+    def forward(self, prequant: torch.Tensor) -> torch.Tensor:
+        """(..., D) quantiser inputs -> (...) code ids. Always float32, as the reference."""
+        z = F.normalize(prequant.float(), dim=-1)
+        e = self.codes()
+        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()
+        return d.argmin(dim=-1)
+
+
+class LatentEncoder(nn.Module):
+    """The reference `Encoder`: only the blocks; the LayerNorms live on the ALIT module."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.transformer = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(layers))
+
+
+class LatentDecoder(nn.Module):
+    """1D tokens -> logits over the VQGAN vocabulary at every 2D grid position."""
+
+    def __init__(self, cfg: ALITConfig):
+        super().__init__()
+        w = cfg.decoder_width
+        self.decoder_embed = nn.Linear(cfg.vq_token_dim, w)
+        self.ln_pre = nn.LayerNorm(w)
+        self.transformer = nn.ModuleList(
+            Block(w, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_layers)
+        )
+        self.ln_post = nn.LayerNorm(w)
+        self.ffn = nn.Sequential(nn.Linear(w, 2 * w), nn.Tanh(), nn.Linear(2 * w, cfg.vqgan.n_embed))
+        self.latent_token_positional_embedding = nn.Parameter(
+            w**-0.5 * torch.randn(cfg.decoder_max_latent_tokens, w)
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image recurrent state
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageState:
+    """Everything one image carries between iterations. `x` is the next transformer input."""
+
+    image: torch.Tensor  # (3, H, W) preprocessed pixels in [0, 1]
+    gt_indices: torch.Tensor  # (G,) the image's own VQGAN codes: the halting "ground truth"
+    seed: int  # per-image seed for the halting draws (content-derived by default)
+    x: torch.Tensor | None  # (257 + 32(k+1), W) for the next iteration; None once finished
+    iteration: int = 0  # iterations completed
+    token_ids: torch.Tensor | None = None  # (32 * iteration,) after the latest iteration
+
+    @property
+    def finished(self) -> bool:
+        return self.x is None
+
+
+@dataclass
+class StepOutput:
+    token_ids: torch.Tensor  # (32(k+1),)
+    logits: torch.Tensor | None = None  # (G, V) when the step decoded (halting on)
+    pred_gt_prob: torch.Tensor | None = None  # (G,) when decoded
+    drop_mask: torch.Tensor | None = None  # (G,) bool, the 2D tokens masked by this step
+    trace: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediates when asked
+
+
+def content_seed(image: torch.Tensor) -> int:
+    """A 63-bit seed derived from an image's bytes: same image, same halting draws."""
+    data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
+def _iteration_seed(seed: int, iteration: int) -> int:
+    return (seed + (iteration + 1) * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def halting_draws(seed: int, iteration: int, probs: torch.Tensor) -> torch.Tensor:
+    """Bernoulli(p) draws for one image and one iteration from a generator of its own."""
+    g = torch.Generator(device="cpu").manual_seed(_iteration_seed(seed, iteration))
+    u = torch.rand(probs.shape, generator=g, dtype=torch.float32)
+    return u.to(probs.device) < probs.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class ALIT(nn.Module):
+    def __init__(self, cfg: ALITConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        w, g2, t = cfg.encoder_width, cfg.num_image_tokens, cfg.tokens_per_iter
+        dw = cfg.decoder_width
+        scale = w**-0.5
+        self.encoder_positional_embedding = nn.Parameter(scale * torch.randn(g2 + 1, w))
+        self.encoder_class_embedding = nn.Parameter(scale * torch.randn(1, w))
+        self.encoder_mask_token = nn.Parameter(scale * torch.randn(1, 1, w))
+        self.decoder_positional_embedding = nn.Parameter(dw**-0.5 * torch.randn(g2 + 1, dw))
+        self.decoder_class_embedding = nn.Parameter(dw**-0.5 * torch.randn(1, dw))
+        self.decoder_mask_token = nn.Parameter(dw**-0.5 * torch.randn(1, 1, dw))
+        self.latent_tokens = nn.Parameter(scale * torch.randn(t, w))
+        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(t, w))
+        self.timestep_embedding = nn.Parameter(scale * torch.randn(cfg.max_iters, t, w))
+        self.encoder_ln_pre = nn.LayerNorm(w)
+        self.encoder_ln_post = nn.LayerNorm(w)
+        self.encoder_ln_recursive = nn.LayerNorm(w)
+        self.pre_quantizer_mlp = nn.Linear(w, cfg.vq_token_dim)
+        self.encoder = LatentEncoder(w, cfg.encoder_layers, cfg.encoder_heads, cfg.mlp_ratio)
+        self.decoder = LatentDecoder(cfg)
+        self.patch_embed = nn.Conv2d(3, w - cfg.vqgan.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.apply(self._init_weights)
+        self.quantize = LatentQuantizer(cfg.vq_codebook_size, cfg.vq_token_dim)
+        self.base_tokenizer = nn.Module()
+        self.base_tokenizer.vqgan = VQGAN(cfg.vqgan)
+        self.batch_mode: BatchMode = "cohort"
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def vqgan(self) -> VQGAN:
+        return self.base_tokenizer.vqgan
+
+    @property
+    def device(self) -> torch.device:
+        return self.latent_tokens.device
+
+    # ----- building blocks --------------------------------------------------------------------
+    def image_tokens(self, img: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """[VQGAN z, patch embedding] per grid cell, L2-normalised: (B, G, W)."""
+        tokens = torch.cat([z, self.patch_embed(img)], dim=1).flatten(2).transpose(1, 2)
+        return F.normalize(tokens, dim=-1)
+
+    def _fresh_latents(self, iteration: int) -> torch.Tensor:
+        return self.latent_tokens + self.latent_token_positional_embedding + self.timestep_embedding[iteration]
+
+    # ----- step API -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, images: torch.Tensor, seeds: list[int] | None = None) -> list[ImageState]:
+        """VQGAN-encode a batch (B, 3, H, W) in [0, 1] and build each image's initial sequence."""
+        cfg = self.cfg
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, cfg.img_size, cfg.img_size):
+            raise ValueError(f"expected images of shape (B, 3, {cfg.img_size}, {cfg.img_size}), got {tuple(images.shape)}")
+        images = images.to(self.device)
+        z, gt = self.vqgan.encode(images)
+        tokens = self.image_tokens(images, z)
+        cls = self.encoder_class_embedding.expand(images.shape[0], 1, -1)
+        img_part = torch.cat([cls, tokens.to(cls.dtype)], dim=1) + self.encoder_positional_embedding
+        lat = self._fresh_latents(0).expand(images.shape[0], -1, -1)
+        x = self.encoder_ln_pre(torch.cat([img_part, lat], dim=1))
+        if seeds is None:
+            seeds = [content_seed(im) for im in images]
+        return [
+            ImageState(image=images[i], gt_indices=gt[i], seed=int(seeds[i]), x=x[i])
+            for i in range(images.shape[0])
+        ]
+
+    @torch.no_grad()
+    def advance(
+        self,
+        states: list[ImageState],
+        halting: bool = False,
+        threshold: float | None = None,
+        draws: list[torch.Tensor] | None = None,
+        trace: bool = False,
+    ) -> list[StepOutput]:
+        """Run one iteration for each of `states` (any mix of iterations), updating them in place.
+
+        With `halting`, each image is decoded, and 2D tokens whose own-code probability reaches the
+        threshold (`threshold`, default the config's) are masked with probability p, drawn from
+        the image's own generator unless `draws` (one (G,) 0/1 tensor per image) injects them.
+        """
+        if any(s.finished for s in states):
+            raise ValueError("advance() got an image that has already run every iteration")
+        cfg = self.cfg
+        threshold = cfg.halting_threshold if threshold is None else threshold
+        g1 = cfg.num_image_tokens + 1
+        hs = run_blocks(self.encoder.transformer, [s.x for s in states], self.batch_mode)
+        outs: list[StepOutput] = []
+        for s, h in zip(states, hs):
+            raw = h[g1:]
+            prequant = self.pre_quantizer_mlp(self.encoder_ln_post(raw))
+            o = StepOutput(token_ids=self.quantize(prequant))
+            if trace:
+                o.trace = {"latent_tokens": raw, "prequant": prequant}
+            outs.append(o)
+        if halting:
+            logits = self.decode_logits([o.token_ids for o in outs])
+            for i, (s, o, h) in enumerate(zip(states, outs, hs)):
+                o.logits = logits[i]
+                o.pred_gt_prob = logits[i].float().softmax(-1).gather(1, s.gt_indices[:, None])[:, 0]
+                draw = draws[i].to(self.device).bool() if draws is not None else halting_draws(s.seed, s.iteration, o.pred_gt_prob)
+                o.drop_mask = draw & (o.pred_gt_prob >= threshold)
+                mask_tok = (self.encoder_positional_embedding[1:] + self.encoder_mask_token[0]).to(h.dtype)
+                img = torch.where(o.drop_mask[:, None], mask_tok, h[1:g1])
+                hs[i] = torch.cat([h[:1], img, h[g1:]])
+        for s, o, h in zip(states, outs, hs):
+            s.iteration += 1
+            s.token_ids = o.token_ids
+            if s.iteration < cfg.max_iters:
+                fresh = self._fresh_latents(s.iteration).to(h.dtype)
+                s.x = self.encoder_ln_recursive(torch.cat([h, fresh]))
+            else:
+                s.x = None
+        return outs
+
+    @torch.no_grad()
+    def decode_logits(self, token_ids: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """1D token ids (each a multiple of tokens_per_iter long) -> logits (B, G, V), float32."""
+        cfg, dec = self.cfg, self.decoder
+        seqs = []
+        code = self.quantize.codes()
+        two_d = torch.cat([self.decoder_class_embedding, self.decoder_mask_token[0].expand(cfg.num_image_tokens, -1)])
+        two_d = two_d + self.decoder_positional_embedding
+        for ids in token_ids:
+            n = ids.shape[0]
+            if n == 0 or n > cfg.decoder_max_latent_tokens:
+                raise ValueError(f"token sequences must hold 1..{cfg.decoder_max_latent_tokens} ids, got {n}")
+            lat = dec.decoder_embed(code[ids.to(self.device)].to(two_d.dtype)) + dec.latent_token_positional_embedding[:n]
+            seqs.append(dec.ln_pre(torch.cat([two_d, lat])))
+        ys = run_blocks(dec.transformer, seqs, self.batch_mode)
+        grid = torch.stack([y[1 : cfg.num_image_tokens + 1] for y in ys])
+        return dec.ffn(dec.ln_post(grid)).float()
+
+    @torch.no_grad()
+    def reconstruct(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (B, G, V) -> pixels (B, 3, H, W): softmax-weighted VQGAN code, VQGAN decoder."""
+        g = self.cfg.grid_size
+        code = logits.float().softmax(-1) @ self.vqgan.codebook.float()
+        code = code.view(code.shape[0], g, g, -1).permute(0, 3, 1, 2)
+        return self.vqgan.decode(code.to(self.vqgan.codebook.dtype)).float()
+
+    @torch.no_grad()
+    def reconstruct_ids(self, token_ids: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """The /reconstruct path: token ids alone -> pixels."""
+        return self.reconstruct(self.decode_logits(token_ids))
+
+
+def quality(recon: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image L1 (mean |recon - input| over C,H,W, unclamped, as the reference measures it)
+    and PSNR in dB of the clamped reconstruction (what a client receives as an image)."""
+    recon, images = recon.float(), images.float().to(recon.device)
+    l1 = (recon - images).abs().flatten(1).mean(1)
+    mse = (recon.clamp(0, 1) - images).pow(2).flatten(1).mean(1)
+    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    return l1, psnr
+
+
+def reference_stop_iteration(l1_per_iter: list[float], threshold: float) -> int:
+    """The reference `encode()` rule: the first iteration whose running-minimum L1 is below the
+    threshold, else the lowest-L1 iteration (earliest on ties)."""
+    best, best_i = math.inf, -1
+    for i, v in enumerate(l1_per_iter):
+        if v < best:
+            best, best_i = v, i
+        if best < threshold:
+            return best_i
+    return best_i
