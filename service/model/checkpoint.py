@@ -78,10 +78,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            detail = next((l.strip().split(". Please")[0] for l in str(e).splitlines() if "Unsupported global" in l), None)
+            if detail is None:
+                raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from e
             raise CheckpointError(
-                f"refusing to load {path}: it is not a plain weights file (it holds pickled objects "
-                f"that would run code when loaded). Convert trusted files with `alit-serve convert`. "
-                f"Details: {str(e).splitlines()[0]}"
+                f"refusing to load {path}: besides tensors it holds pickled objects that would run code "
+                f"when unpickled ({detail}). Only plain weights are loaded; re-save the state dict alone "
+                f"(torch.save({{'ema': state_dict}}, ...)) from a trusted environment."
             ) from e
         except Exception as e:
             raise CheckpointError(f"cannot read {path}: {e}") from e

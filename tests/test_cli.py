@@ -1,0 +1,43 @@
+"""The `alit-serve` command line, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from conftest import run_cli
+
+
+def test_verify_exits_zero_on_the_fixture(fixture_dir):
+    r = run_cli("verify", str(fixture_dir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "RESULT: PASS" in r.stdout
+    assert "encode_stop_iter" in r.stdout and "recon_iter7" in r.stdout
+
+
+def test_verify_exits_nonzero_on_a_corrupted_copy(tmp_path, fixture_dir):
+    bad = tmp_path / "fixture"
+    shutil.copytree(fixture_dir, bad)
+    ck = torch.load(bad / "checkpoint.pth", map_location="cpu", weights_only=True)
+    sd = {k: v.clone() for k, v in ck["ema"].items()}
+    sd["base_tokenizer.vqgan.decoder.conv_out.bias"][0] += 1e-3  # one weight, slightly changed
+    torch.save({"ema": sd, "model": sd, "epoch": 0}, bad / "checkpoint.pth")
+    r = run_cli("verify", str(bad))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "RESULT: FAIL" in r.stdout
+    failing = [l.split()[0] for l in r.stdout.splitlines() if l.endswith("FAIL")]
+    assert "recon_iter0" in failing
+
+
+def test_verify_reports_a_missing_fixture_cleanly(tmp_path):
+    r = run_cli("verify", str(tmp_path / "nothing"))
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_convert_then_load(tmp_path, fixture_dir):
+    r = run_cli("convert", str(fixture_dir / "checkpoint.pth"), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert "fingerprint" in r.stdout
