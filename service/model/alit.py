@@ -19,10 +19,11 @@ iterations advance in one call, grouped into same-length cohorts or padded with 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, ContextManager, Literal
 
 import torch
 import torch.nn as nn
@@ -294,29 +295,34 @@ class ALIT(nn.Module):
         threshold: float | None = None,
         draws: list[torch.Tensor] | None = None,
         trace: bool = False,
+        stage_timer: Callable[[str], ContextManager] | None = None,
     ) -> list[StepOutput]:
         """Run one iteration for each of `states` (any mix of iterations), updating them in place.
 
         With `halting`, each image is decoded, and 2D tokens whose own-code probability reaches the
         threshold (`threshold`, default the config's) are masked with probability p, drawn from
         the image's own generator unless `draws` (one (G,) 0/1 tensor per image) injects them.
+        `stage_timer(name)`, when given, wraps the "encoder" and "decoder" parts (for metrics).
         """
         if any(s.finished for s in states):
             raise ValueError("advance() got an image that has already run every iteration")
         cfg = self.cfg
         threshold = cfg.halting_threshold if threshold is None else threshold
         g1 = cfg.num_image_tokens + 1
-        hs = run_blocks(self.encoder.transformer, [s.x for s in states], self.batch_mode)
+        timer = stage_timer or (lambda name: contextlib.nullcontext())
         outs: list[StepOutput] = []
-        for s, h in zip(states, hs):
-            raw = h[g1:]
-            prequant = self.pre_quantizer_mlp(self.encoder_ln_post(raw))
-            o = StepOutput(token_ids=self.quantize(prequant))
-            if trace:
-                o.trace = {"latent_tokens": raw, "prequant": prequant}
-            outs.append(o)
+        with timer("encoder"):
+            hs = run_blocks(self.encoder.transformer, [s.x for s in states], self.batch_mode)
+            for s, h in zip(states, hs):
+                raw = h[g1:]
+                prequant = self.pre_quantizer_mlp(self.encoder_ln_post(raw))
+                o = StepOutput(token_ids=self.quantize(prequant))
+                if trace:
+                    o.trace = {"latent_tokens": raw, "prequant": prequant}
+                outs.append(o)
         if halting:
-            logits = self.decode_logits([o.token_ids for o in outs])
+            with timer("decoder"):
+                logits = self.decode_logits([o.token_ids for o in outs])
             for i, (s, o, h) in enumerate(zip(states, outs, hs)):
                 o.logits = logits[i]
                 o.pred_gt_prob = logits[i].float().softmax(-1).gather(1, s.gt_indices[:, None])[:, 0]
@@ -325,14 +331,16 @@ class ALIT(nn.Module):
                 mask_tok = (self.encoder_positional_embedding[1:] + self.encoder_mask_token[0]).to(h.dtype)
                 img = torch.where(o.drop_mask[:, None], mask_tok, h[1:g1])
                 hs[i] = torch.cat([h[:1], img, h[g1:]])
-        for s, o, h in zip(states, outs, hs):
+        # compute every next sequence before touching any state: a failure leaves all unchanged
+        next_x = [
+            self.encoder_ln_recursive(torch.cat([h, self._fresh_latents(s.iteration + 1).to(h.dtype)]))
+            if s.iteration + 1 < cfg.max_iters else None
+            for s, h in zip(states, hs)
+        ]
+        for s, o, x in zip(states, outs, next_x):
             s.iteration += 1
             s.token_ids = o.token_ids
-            if s.iteration < cfg.max_iters:
-                fresh = self._fresh_latents(s.iteration).to(h.dtype)
-                s.x = self.encoder_ln_recursive(torch.cat([h, fresh]))
-            else:
-                s.x = None
+            s.x = x
         return outs
 
     @torch.no_grad()

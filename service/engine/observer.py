@@ -1,0 +1,33 @@
+"""Instrumentation hooks. The engine calls these; `service.metrics` turns them into Prometheus series.
+
+Every method has a no-op default so an engine runs without metrics (tests, benchmarks, Triton).
+Calls come from worker threads; implementations must be thread-safe.
+"""
+
+from __future__ import annotations
+
+
+class EngineObserver:
+    def stage(self, iteration: int, stage: str, seconds: float, device: str) -> None:
+        """Time of one stage (prepare | encoder | decoder | quality) of one iteration cohort."""
+
+    def step(self, batch_size: int, seconds: float, device: str) -> None:
+        """A whole scheduler step: images advanced in it and wall time."""
+
+    def queue(self, depth: int) -> None:
+        """Images waiting for admission, after every change."""
+
+    def queue_wait(self, seconds: float) -> None:
+        """Time an image waited between submission and admission."""
+
+    def active(self, device: str, count: int) -> None:
+        """Images in flight on a worker after a step."""
+
+    def retired(self, target_kind: str, iterations: int, num_tokens: int, target_met: bool) -> None:
+        """An image finished: the iteration it halted at and its token count."""
+
+    def rejected(self, reason: str) -> None:
+        """A request refused or abandoned: queue_full | deadline | cancelled | step_failed | stopped."""
+
+    def worker_health(self, device: str, healthy: bool) -> None:
+        """A worker's health after every step."""

@@ -1,0 +1,261 @@
+"""The worker pool and the engine's asyncio face.
+
+One worker thread per device, each with its own replica of the model and its own `Scheduler`.
+All workers pull from one bounded admission queue whenever they have room, which is least-loaded
+dispatch without a dispatcher: a busy worker simply takes nothing. Compute runs in the worker
+threads (torch releases the GIL), never on the event loop; results come back through asyncio
+futures resolved with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..model.checkpoint import LoadedModel
+from .errors import EngineStopped, QueueFull
+from .observer import EngineObserver
+from .scheduler import (
+    IterationRecord,
+    Job,
+    ReconstructJob,
+    Scheduler,
+    SchedulerSettings,
+    TokenizeJob,
+    TokenizeResult,
+)
+from .targets import ModelLimits, Target, check_token_ids
+
+log = logging.getLogger("alit.engine")
+
+
+def resolve_devices(spec: str) -> list[str]:
+    """`auto` -> every CUDA device, else cpu; or an explicit list `cpu` / `cuda:0,cuda:1`."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    for d in devices:
+        if d.startswith("cuda"):
+            idx = int(d.split(":")[1]) if ":" in d else 0
+            if not torch.cuda.is_available() or idx >= torch.cuda.device_count():
+                raise ValueError(f"device {d!r} requested but torch sees {torch.cuda.device_count()} CUDA devices")
+        elif d != "cpu":
+            raise ValueError(f"unknown device {d!r} (use auto, cpu, cuda:N)")
+    return devices or ["cpu"]
+
+
+@dataclass
+class EngineSettings(SchedulerSettings):
+    devices: str = "auto"
+    max_queue: int = 256
+    lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill
+    warmup: bool = True
+
+
+class WorkQueue:
+    """Bounded FIFO shared by the workers."""
+
+    def __init__(self, capacity: int, observer: EngineObserver):
+        self.capacity = capacity
+        self.observer = observer
+        self._items: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, jobs: list[Job], retry_after: float) -> None:
+        """Enqueue all of `jobs` or none of them."""
+        with self._cv:
+            if len(self._items) + len(jobs) > self.capacity:
+                self.observer.rejected("queue_full")
+                raise QueueFull(len(self._items), retry_after)
+            self._items.extend(jobs)
+            self.observer.queue(len(self._items))
+            self._cv.notify(len(jobs))
+
+    def take(self, n: int, wait: float) -> list[Job]:
+        """Up to n jobs; waits up to `wait` seconds for the first one."""
+        with self._cv:
+            if not self._items and wait > 0:
+                self._cv.wait(wait)
+            out = [self._items.popleft() for _ in range(min(n, len(self._items)))]
+            if out:
+                self.observer.queue(len(self._items))
+            return out
+
+    def wake_all(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+
+class Worker(threading.Thread):
+    def __init__(self, engine: "Engine", device: str, model):
+        super().__init__(name=f"alit-worker-{device}", daemon=True)
+        self.engine = engine
+        self.device = device
+        self.scheduler = Scheduler(model, device, engine.settings, engine.observer)
+        self.warm = False
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+        self._stop_event = threading.Event()
+
+    @property
+    def healthy(self) -> bool:
+        return self.is_alive() and self.warm and self.consecutive_failures < 3
+
+    @property
+    def load(self) -> int:
+        return len(self.scheduler.active)
+
+    def warm_up(self) -> None:
+        """One image through every iteration with a quality target: compiles kernels, fills caches."""
+        cfg = self.scheduler.model.cfg
+        img = torch.rand(3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+        job = TokenizeJob(image=img, target=Target(max_l1=1e-9))  # never met: runs every iteration
+        self.scheduler.step([job])
+        while self.scheduler.active:
+            self.scheduler.step([])
+        job.future.result(timeout=0)
+        self.warm = True
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        q, s = self.engine.queue, self.scheduler
+        lockstep = self.engine.settings.policy == "lockstep"
+        while not self._stop_event.is_set():
+            cap = s.capacity()
+            idle = not s.active
+            new = q.take(cap, wait=0.05 if idle else 0.0) if cap else []
+            if lockstep and new and idle:  # a request-level batcher waits briefly to fill the batch
+                deadline = time.monotonic() + self.engine.settings.lockstep_max_delay
+                while len(new) < cap and (left := deadline - time.monotonic()) > 0:
+                    new += q.take(cap - len(new), wait=left)
+            if not new and not s.active:
+                continue
+            try:
+                s.step(new)
+                self.consecutive_failures = 0
+            except Exception as e:  # the step's images already failed; keep serving
+                self.consecutive_failures += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("step failed on %s", self.device)
+            self.engine.observer.worker_health(self.device, self.healthy)
+
+
+class Engine:
+    """Submit images and token sequences from asyncio; workers do the rest."""
+
+    def __init__(self, loaded: LoadedModel, settings: EngineSettings | None = None,
+                 observer: EngineObserver | None = None):
+        self.loaded = loaded
+        self.settings = settings or EngineSettings()
+        self.observer = observer or EngineObserver()
+        cfg = loaded.config
+        self.limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
+        self.queue = WorkQueue(self.settings.max_queue, self.observer)
+        self.workers: list[Worker] = []
+        self.accepting = False
+        self._step_time = 0.05  # EWMA of a step's duration (seconds), for Retry-After
+        self._iters = float(cfg.max_iters)  # EWMA of iterations per image
+
+    # ----- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        for dev in resolve_devices(self.settings.devices):
+            model = self.loaded.model if dev == "cpu" and len(self.workers) == 0 else copy.deepcopy(self.loaded.model)
+            w = Worker(self, dev, model.to(dev).eval())
+            if self.settings.warmup:
+                w.warm_up()
+            else:
+                w.warm = True
+            self.workers.append(w)
+        for w in self.workers:
+            w.start()
+        self.accepting = True
+        return self
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking work; wait until queued and in-flight images are done (or the timeout)."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.queue) == 0 and all(not w.scheduler.active for w in self.workers):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    def shutdown(self) -> None:
+        self.accepting = False
+        for w in self.workers:
+            w.stop()
+        self.queue.wake_all()
+        for w in self.workers:
+            w.join(timeout=10)
+
+    @property
+    def ready(self) -> bool:
+        return self.accepting and bool(self.workers) and all(w.healthy for w in self.workers)
+
+    @property
+    def pixel_decodes(self) -> int:
+        return sum(w.scheduler.pixel_decodes for w in self.workers)
+
+    @property
+    def images_admitted(self) -> int:
+        return sum(w.scheduler.images_admitted for w in self.workers)
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has room, from its depth and recent step times."""
+        step_s = max((w.scheduler.step_time for w in self.workers), default=0.05)
+        per_wave = max(1, self.settings.max_batch) * max(1, len(self.workers))
+        waves = len(self.queue) / per_wave + 1
+        return float(max(1, math.ceil(waves * self._iters * step_s)))
+
+    # ----- submission -----------------------------------------------------------------------------
+    def _submit(self, jobs: list[Job]) -> list[asyncio.Future]:
+        if not self.accepting:
+            self.observer.rejected("stopped")
+            raise EngineStopped("the engine is draining or stopped and takes no new work")
+        self.queue.put(jobs, self.retry_after())
+        return [asyncio.wrap_future(j.future) for j in jobs]
+
+    async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None = None,
+                       trajectory: bool = False, progress=None, tag: str | None = None) -> TokenizeResult:
+        """Tokenize one preprocessed image (3, H, W) in [0, 1]. `deadline` is time.monotonic()-based.
+        `progress(record)` is called on the event loop after every iteration."""
+        size = self.loaded.config.img_size
+        if tuple(image.shape) != (3, size, size) or not image.is_floating_point():
+            raise ValueError(f"expected a float image of shape (3, {size}, {size}), got {tuple(image.shape)} {image.dtype}")
+        loop = asyncio.get_running_loop()
+        cb = None
+        if progress is not None:
+            def cb(rec: IterationRecord) -> None:
+                loop.call_soon_threadsafe(progress, rec)
+        job = TokenizeJob(deadline=deadline, image=image, target=target, want_trajectory=trajectory,
+                          progress=cb, tag=tag)
+        (fut,) = self._submit([job])
+        result = await fut
+        self._iters = 0.95 * self._iters + 0.05 * result.iterations
+        return result
+
+    async def reconstruct(self, token_ids: list[np.ndarray] | list[list[int]], deadline: float | None = None) -> list[torch.Tensor]:
+        """Token sequences -> images (3, H, W) in [0, 1], one job per sequence, batched by the workers."""
+        seqs = [check_token_ids(ids, self.loaded.config.vq_codebook_size, self.limits) for ids in token_ids]
+        futs = self._submit([ReconstructJob(deadline=deadline, token_ids=t) for t in seqs])
+        return list(await asyncio.gather(*futs))
