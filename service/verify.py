@@ -26,7 +26,7 @@ NEAR_TIE = 1e-4
 # at up to MAX_FLIP_FRACTION of the compared positions.
 TOLERANCES = {
     "float32": {"recon": 1e-4, "l1": 1e-5, "default": 1e-4},
-    "reduced": {"recon": 0.1, "l1": 0.01, "default": 0.05},
+    "reduced": {"recon": 0.15, "l1": 0.01, "default": 0.1},
 }
 MAX_FLIP_FRACTION = {"float32": 0.0, "reduced": 0.05}
 
@@ -65,11 +65,12 @@ class Report:
         err = float(np.abs(got.astype(np.float64) - expected).max()) if got.size else 0.0
         self.rows.append(Row(name, got.size, 0, err, self.tol(kind), False))
 
-    def discrete(self, name: str, got, expected, margin=None) -> None:
+    def discrete(self, name: str, got, expected, margin=None, tie: float = NEAR_TIE) -> None:
+        """Exact comparison except where `margin` (distance to a decision boundary) is below `tie`."""
         got, expected = _np(got), np.asarray(expected)
         if got.shape != expected.shape:
             raise AssertionError(f"{name}: shape {got.shape} != expected {expected.shape}")
-        keep = np.ones(got.shape, bool) if margin is None else np.asarray(margin) >= NEAR_TIE
+        keep = np.ones(got.shape, bool) if margin is None else np.asarray(margin) >= tie
         mism = int(((got != expected) & keep).sum())
         allowed = int(MAX_FLIP_FRACTION[self.precision] * keep.sum())
         self.rows.append(Row(name, int(keep.sum()), int((~keep).sum()), mism, allowed, True))
@@ -148,7 +149,11 @@ def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", bat
                 stop = reference_stop_iteration(per_iter, thr)
                 stops.append(stop)
                 l1s.append(per_iter[stop])
-            rep.discrete("encode_stop_iter", np.array(stops), exp["encode_stop_iter"])
+            # a stop can only move where an L1 lies within tolerance of the threshold, or (when no
+            # iteration meets it) where the two lowest L1s are within tolerance of each other
+            table = np.sort(exp["l1_table"], axis=0)
+            margin = np.minimum(np.abs(exp["l1_table"] - thr).min(axis=0), table[1] - table[0])
+            rep.discrete("encode_stop_iter", np.array(stops), exp["encode_stop_iter"], margin, tie=rep.tol("l1"))
             rep.continuous("encode_l1", np.array(l1s), exp["encode_l1"], "l1")
 
         for path in sorted(fx.glob("expected_halting_*.npz")):

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "alit-reference"
 CLI = [sys.executable, "-m", "service.cli"]
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(int(os.environ.get("ALIT_TEST_THREADS", min(2, torch.get_num_threads()))))
 
 
 @pytest.fixture(scope="session")
