@@ -1,4 +1,10 @@
-"""Images in, tensors out: the one implementation of ALIT's preprocessing.
+"""Images in, tensors out: safe decoding and the one implementation of ALIT's preprocessing.
+
+`decode_image` turns untrusted bytes into an RGB PIL image: byte and pixel limits are checked from
+the header before any pixel is decoded (decompression bombs), EXIF orientation is applied, the first
+frame of an animation is used, and every mode becomes RGB (alpha composited on white; 16-bit and
+float images scaled; CMYK, palette, grayscale converted). Failures raise `ImageError` with the HTTP
+status and a code that names the reason. The API and the Triton model both use it.
 
 The reference (`evaluate_rfid.py`, custom-image branch) does: PIL open -> RGB, resize the shorter
 side to the model size with PIL bicubic (antialiased), center crop, to float32 in [0, 1], CHW, no
@@ -7,9 +13,87 @@ mean/std normalisation. `preprocess` reproduces it bit for bit (tested on the fi
 
 from __future__ import annotations
 
+import io
+import warnings
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An image the service cannot use: `status` 413 (too large), 415 (not a supported image)
+    or 422 (a supported format, but corrupt)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_side: int = 20_000
+
+
+FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Untrusted bytes -> RGB image, or ImageError."""
+    if not data:
+        raise ImageError(422, "empty_image", "the image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError(413, "image_too_large", f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(413, "image_too_large", f"image dimensions are too large ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(415, "unsupported_image", "not a recognised image (supported: PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
+    except Exception as e:
+        raise ImageError(422, "invalid_image", f"cannot read the image header: {e}") from None
+    if img.format not in FORMATS:
+        raise ImageError(415, "unsupported_image", f"image format {img.format} is not supported (supported: {', '.join(sorted(FORMATS))})")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(422, "invalid_image", f"image has no pixels ({w}x{h})")
+    if w * h > limits.max_pixels or max(w, h) > limits.max_side:
+        raise ImageError(413, "image_too_large",
+                         f"image is {w}x{h}; the limits are {limits.max_pixels} pixels and {limits.max_side} per side")
+    try:
+        img.seek(0)  # first frame of an animation
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as e:  # truncated or corrupt data surfaces here, whatever the decoder
+        raise ImageError(422, "invalid_image", f"the {img.format} data is corrupt or truncated: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 1.0 if mode == "F" and arr.max(initial=0) <= 1.0 else (65535.0 if arr.max(initial=0) > 255 else 255.0)
+        arr = np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert("RGB")
+    return img.convert("RGB")
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
@@ -41,8 +125,6 @@ def preprocess(img: Image.Image, size: int) -> torch.Tensor:
 
 def to_png(pixels: torch.Tensor) -> bytes:
     """(3, H, W) in [0, 1] -> PNG bytes."""
-    import io
-
     arr = (pixels.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")

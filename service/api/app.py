@@ -1,57 +1,156 @@
-"""The FastAPI application: model lifecycle and the service's health endpoints."""
+"""The FastAPI application: wiring of model, engine, cache and routes; lifecycle; body limits."""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import torch
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..cache import make_cache
 from ..config import Settings
+from ..engine import Engine, EngineSettings, Target
 from ..model.presets import preset_name_of
 from ..model.registry import resolve
+from . import errors
+from .pipeline import TokenizePipeline
+from .routes import router
+
+log = logging.getLogger("alit.api")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+@dataclass
+class ServiceState:
+    settings: Settings
+    engine: Engine
+    cache: object
+    pipeline: TokenizePipeline
+    default_target: Target
+    model_ref: dict
+    draining: bool = False
+    drain_started: float = float("inf")
+    inflight: int = 0
+    extras: dict = field(default_factory=dict)
+
+    def start_draining(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self.drain_started = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight > 0 or len(self.engine.queue) > 0 or any(w.scheduler.active for w in self.engine.workers)
+
+
+def build_state(settings: Settings, observer=None) -> ServiceState:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    loaded = resolve(settings.model, heads=settings.heads)
+    engine = Engine(loaded, EngineSettings(
+        devices=settings.devices, max_batch=settings.max_batch, max_queue=settings.max_queue,
+        batch_mode=settings.batch_mode, halting=settings.halting, dtype=settings.dtype, warmup=settings.warmup,
+    ), observer=observer).start()
+    cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
+                       max_entries=settings.cache_max_entries)
+    halting_tag = f"halting={settings.halting}:thr={loaded.config.halting_threshold}" if settings.halting else "halting=off"
+    pipeline = TokenizePipeline(engine, cache, halting_tag, observer=observer)
+    model_ref = {"id": preset_name_of(loaded.config) or "custom", "fingerprint": loaded.fingerprint}
+    return ServiceState(settings, engine, cache, pipeline, Target(max_l1=settings.default_max_l1), model_ref)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while a streamed body is read; an HTTPException so every layer passes it through."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds {limit} bytes")
+
+
+class RequestGuard:
+    """Pure ASGI middleware: body size limit (declared or streamed), in-flight count, arrival time."""
+
+    def __init__(self, app, fastapi_app: FastAPI):
+        self.app = app
+        self.fastapi_app = fastapi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        svc = getattr(self.fastapi_app.state, "svc", None)
+        limit = self.fastapi_app.state.settings.max_body_bytes
+        scope.setdefault("state", {})["arrived"] = time.monotonic()
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_413(send, limit)
+        received, responded = 0, False
+
+        async def limited_receive():
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return msg
+
+        async def guarded_send(msg):
+            nonlocal responded
+            if msg["type"] == "http.response.start":
+                responded = True
+            await send(msg)
+
+        if svc is not None:
+            svc.inflight += 1
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyTooLarge:
+            if not responded:
+                await _send_413(send, limit)
+        finally:
+            if svc is not None:
+                svc.inflight -= 1
+
+
+async def _send_413(send, limit: int) -> None:
+    body = json.dumps(errors.error_body("body_too_large", f"request body exceeds {limit} bytes")).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings | None = None, observer=None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        app.state.loaded = resolve(settings.model, heads=settings.heads)
-        yield
-        app.state.loaded = None
+        app.state.svc = build_state(settings, observer)
+        log.info("ready: model %s (%s)", app.state.svc.model_ref["id"], app.state.svc.model_ref["fingerprint"][:16])
+        try:
+            yield
+        finally:
+            svc = app.state.svc
+            svc.engine.shutdown()
+            await svc.cache.close()
 
-    app = FastAPI(title="alit-serve", version="0.1.0", lifespan=lifespan,
-                  description="Adaptive-length image tokenization (ALIT) as a service.")
-    app.state.loaded = None
-
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict:
-        """The process is alive."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["ops"])
-    async def readyz():
-        """The model is loaded and the service can take work."""
-        if app.state.loaded is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ready", "model": app.state.loaded.fingerprint[:16]}
-
-    @app.get("/v1/models", tags=["models"])
-    async def models() -> dict:
-        lm = app.state.loaded
-        c = lm.config
-        return {"data": [{
-            "id": preset_name_of(c) or "custom",
-            "fingerprint": lm.fingerprint,
-            "source": lm.source,
-            "image_size": c.img_size,
-            "tokens_per_iteration": c.tokens_per_iter,
-            "max_tokens": c.max_tokens,
-            "codebook_size": c.vq_codebook_size,
-        }]}
-
+    app = FastAPI(
+        title="alit-serve", version="0.1.0", lifespan=lifespan,
+        description="Adaptive-length image tokenization (ALIT): images in, the shortest token sequence "
+                    "meeting each image's quality target out; tokens in, images out.",
+    )
+    app.state.settings = settings
+    app.state.svc = None
+    app.state.api_keys = [k.encode() for k in settings.key_list()]
+    errors.install(app)
+    app.include_router(router)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Timeout"])
+    app.add_middleware(RequestGuard, fastapi_app=app)
     return app

@@ -1,0 +1,90 @@
+"""One error shape for every failure: `{"error": {"code", "message", "detail"}}`.
+
+Client mistakes are 4xx naming the problem; overload is 503 with Retry-After; an expired deadline
+is 504. A 500 only ever means a bug (or a failed inference step, which says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import DeadlineExceeded, EngineStopped, QueueFull, StepFailed, TargetError
+from ..imaging import ImageError
+
+log = logging.getLogger("alit.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, detail=None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.detail, self.headers = status, code, message, detail, headers
+
+
+def error_body(code: str, message: str, detail=None) -> dict:
+    return {"error": {"code": code, "message": message, "detail": detail}}
+
+
+def to_api_error(exc: Exception) -> ApiError:
+    """Map any exception the API can meet to an ApiError (the one place that decides statuses)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, TargetError):
+        return ApiError(422, "invalid_tokens" if exc.field == "token_ids" else "invalid_target", str(exc),
+                        {"field": exc.field})
+    if isinstance(exc, ImageError):
+        return ApiError(exc.status, exc.code, exc.message)
+    if isinstance(exc, QueueFull):
+        retry = max(1, math.ceil(exc.retry_after))
+        return ApiError(503, "overloaded", str(exc), {"retry_after_s": retry}, {"Retry-After": str(retry)})
+    if isinstance(exc, EngineStopped):
+        return ApiError(503, "draining", str(exc), None, {"Retry-After": "5"})
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(504, "deadline_exceeded", str(exc))
+    if isinstance(exc, StepFailed):
+        return ApiError(500, "inference_failed", str(exc))
+    log.exception("unhandled error", exc_info=exc)
+    return ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); this is a bug")
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    e = to_api_error(exc)
+    return JSONResponse(error_body(e.code, e.message, e.detail), status_code=e.status, headers=e.headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Exception)
+    async def _any(request: Request, exc: Exception):
+        return error_response(exc)
+
+    for cls in (ApiError, TargetError, ImageError, QueueFull, EngineStopped, DeadlineExceeded, StepFailed):
+        app.add_exception_handler(cls, lambda request, exc: error_response(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg", "")}
+                  for e in exc.errors()]
+        first = errors[0] if errors else {"field": "", "message": "invalid request"}
+        return JSONResponse(error_body("invalid_request", f"{first['field']}: {first['message']}", errors), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "body_too_large",
+                 415: "unsupported_media_type"}
+        return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+ERROR_RESPONSES = {
+    401: {"description": "Missing or wrong API key", "model": None},
+    413: {"description": "Body or image too large"},
+    415: {"description": "Not a supported image"},
+    422: {"description": "Invalid image, target, token ids or request field"},
+    503: {"description": "Overloaded (Retry-After) or draining"},
+    504: {"description": "Deadline exceeded"},
+}

@@ -1,0 +1,80 @@
+"""The path of one image through the service: cache lookup, single-flight, engine, cache merge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..cache import SingleFlight, Trajectory, cache_key
+from ..engine import Engine, IterationRecord, Target
+
+
+@dataclass
+class Outcome:
+    record: IterationRecord  # the returned iteration
+    iterations: int
+    target_met: bool
+    cached: bool
+    trajectory: list[IterationRecord]  # every iteration up to the answer, in order
+    queue_s: float
+    compute_s: float
+
+
+class TokenizePipeline:
+    def __init__(self, engine: Engine, cache, halting_tag: str, observer=None):
+        self.engine = engine
+        self.cache = cache
+        self.fingerprint = engine.loaded.fingerprint
+        self.halting_tag = halting_tag
+        self.flights = SingleFlight()
+        self.observer = observer
+
+    def _event(self, kind: str) -> None:
+        if self.observer is not None:
+            self.observer.cache(kind)
+
+    async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None,
+                       progress: Callable[[IterationRecord], None] | None = None) -> Outcome:
+        key = cache_key(image, self.fingerprint, self.halting_tag)
+        limits = self.engine.limits
+        stored = await self.cache.get(key)
+        while True:
+            hit = stored.lookup(target, limits) if stored is not None else None
+            if hit is not None:
+                self.cache.stats.hits += 1
+                self._event("hit")
+                return self._from_trajectory(stored, hit, progress)
+            leader = self.flights.leader(key)
+            if leader is None:
+                break
+            stored = await leader  # the leader's trajectory (None if it failed); then look again
+            if stored is None or stored.lookup(target, limits) is None:
+                # the leader's run cannot answer this target: compute it without single-flight
+                return await self._compute(key, image, target, deadline, progress, lead=False)
+        return await self._compute(key, image, target, deadline, progress, lead=True)
+
+    async def _compute(self, key, image, target, deadline, progress, lead: bool) -> Outcome:
+        self.cache.stats.misses += 1
+        self._event("miss")
+        trajectory = None
+        try:
+            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress)
+            trajectory = Trajectory().merge(r.trajectory)
+            await self.cache.merge(key, r.trajectory)
+        finally:
+            if lead:
+                self.flights.done(key, trajectory)
+        chosen = next(x for x in r.trajectory if x.iteration == r.selected_iteration)
+        return Outcome(chosen, r.iterations, r.target_met, False, r.trajectory,
+                       r.timings["queue_s"], r.timings["compute_s"])
+
+    @staticmethod
+    def _from_trajectory(traj: Trajectory, hit, progress) -> Outcome:
+        records = [traj.records[n] for n in sorted(traj.records) if n <= hit.iterations]
+        if progress is not None:
+            for rec in records:
+                progress(rec)
+        return Outcome(hit.record, hit.iterations, hit.target_met, True, records, 0.0, 0.0)
+

@@ -1,0 +1,312 @@
+"""HTTP endpoints: /v1/tokenize, /v1/reconstruct, /v1/models, health, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import IterationRecord, Target, parse_target
+from ..imaging import ImageLimits, decode_image, preprocess, to_png
+from ..model.presets import preset_name_of
+from .auth import require_key
+from .errors import ERROR_RESPONSES, ApiError, error_body, to_api_error
+from .pipeline import Outcome
+from .schemas import (
+    ErrorResponse,
+    ModelList,
+    ReconstructJSON,
+    ReconstructResponse,
+    TargetSpec,
+    TokenizeJSON,
+    TokenizeResponse,
+)
+
+router = APIRouter()
+ERRORS: dict[int | str, dict[str, Any]] = {code: {**v, "model": ErrorResponse} for code, v in ERROR_RESPONSES.items()}
+TARGET_FORM_FIELDS = ("max_l1", "min_psnr", "tokens", "max_tokens")
+
+TOKENIZE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "the image"},
+                    **{f: {"type": "number"} for f in TARGET_FORM_FIELDS},
+                    "include_reconstruction": {"type": "boolean"},
+                    "all_iterations": {"type": "boolean"},
+                    "stream": {"type": "boolean"},
+                },
+            }},
+            "application/json": {"schema": {"$ref": "#/components/schemas/TokenizeJSON"}},
+        },
+    }
+}
+
+
+def _state(request: Request):
+    return request.app.state.svc
+
+
+# ----- parsing ---------------------------------------------------------------------------------------
+
+
+def _deadline(request: Request) -> float:
+    svc = _state(request)
+    timeout = svc.settings.request_timeout_s
+    raw = request.headers.get("x-request-timeout")
+    if raw is not None:
+        try:
+            asked = float(raw)
+        except ValueError:
+            raise ApiError(422, "invalid_request", f"X-Request-Timeout must be a number of seconds, got {raw!r}",
+                           {"field": "X-Request-Timeout"}) from None
+        if not asked > 0:
+            raise ApiError(422, "invalid_request", "X-Request-Timeout must be positive", {"field": "X-Request-Timeout"})
+        timeout = min(timeout, asked)  # a client may shorten the deadline, not extend it
+    return time.monotonic() + timeout
+
+
+def _bool(value: str | None, field: str) -> bool:
+    if value is None or value == "":
+        return False
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ApiError(422, "invalid_request", f"{field}: expected true or false, got {value!r}", {"field": field})
+
+
+def _number(value: str, field: str) -> float | int:
+    try:
+        f = float(value)
+    except ValueError:
+        raise ApiError(422, "invalid_target", f"{field}: must be a number, got {value!r}", {"field": field}) from None
+    return int(f) if field in ("tokens", "max_tokens") and f.is_integer() else f
+
+
+async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], bool, bool, bool]:
+    """(images as (bytes, target dict), include_reconstruction, all_iterations, stream)."""
+    svc = _state(request)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except StarletteHTTPException:
+            raise
+        except Exception as e:
+            raise ApiError(422, "invalid_request", f"malformed multipart body: {e}") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "invalid_request", "file: a multipart field named 'file' holding the image is required",
+                           {"field": "file"})
+        known = {"file", "include_reconstruction", "all_iterations", "stream", *TARGET_FORM_FIELDS}
+        unknown = sorted(set(form.keys()) - known)
+        if unknown:
+            raise ApiError(422, "invalid_request", f"{unknown[0]}: unknown form field (known: {', '.join(sorted(known))})",
+                           {"field": unknown[0]})
+        target = {f: _number(str(form[f]), f) for f in TARGET_FORM_FIELDS if form.get(f) not in (None, "")}
+        data = await upload.read()
+        opts = [_bool(form.get(k), k) for k in ("include_reconstruction", "all_iterations", "stream")]
+        stream = opts[2] or _bool(request.query_params.get("stream"), "stream")
+        return [(data, target)], opts[0], opts[1], stream
+    if ctype in ("application/json", ""):
+        try:
+            body = TokenizeJSON.model_validate_json(await request.body())
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err.get("loc", ()))
+            raise ApiError(422, "invalid_request", f"{field}: {err.get('msg')}",
+                           [{"field": ".".join(str(p) for p in x.get("loc", ())), "message": x.get("msg")} for x in e.errors()]) from None
+        if len(body.images) > svc.settings.max_batch_images:
+            raise ApiError(413, "too_many_images", f"images: {len(body.images)} images; the limit per request is "
+                           f"{svc.settings.max_batch_images}", {"field": "images"})
+        items = []
+        for i, item in enumerate(body.images):
+            try:
+                data = base64.b64decode(item.image, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(422, "invalid_base64", f"images.{i}.image: not valid base64", {"field": f"images.{i}.image"}) from None
+            items.append((data, item.target.model_dump(exclude_none=True) if item.target else {}))
+        stream = body.stream or _bool(request.query_params.get("stream"), "stream")
+        return items, body.include_reconstruction, body.all_iterations, stream
+    raise ApiError(415, "unsupported_media_type",
+                   f"Content-Type {ctype!r} is not accepted: send multipart/form-data (field 'file') or application/json")
+
+
+# ----- tokenize --------------------------------------------------------------------------------------
+
+
+def _iteration_json(rec: IterationRecord) -> dict:
+    return {"iteration": rec.iteration, "num_tokens": int(rec.token_ids.shape[0]),
+            "token_ids": rec.token_ids.tolist(), "l1": rec.l1, "psnr": rec.psnr}
+
+
+async def _result_json(svc, out: Outcome, target: Target, include_reconstruction: bool, all_iterations: bool,
+                       started: float, deadline: float) -> dict:
+    rec = out.record
+    res = {
+        "token_ids": rec.token_ids.tolist(), "num_tokens": int(rec.token_ids.shape[0]),
+        "iterations": out.iterations, "l1": rec.l1, "psnr": rec.psnr, "target_met": out.target_met,
+        "cached": out.cached, "target": target.to_dict(),
+        "timings": {"queue_ms": out.queue_s * 1e3, "compute_ms": out.compute_s * 1e3,
+                    "total_ms": (time.monotonic() - started) * 1e3},
+    }
+    if include_reconstruction:
+        (pixels,) = await svc.engine.reconstruct([rec.token_ids], deadline=deadline)
+        res["reconstruction_png"] = base64.b64encode(to_png(pixels)).decode()
+    if all_iterations:
+        res["all_iterations"] = [_iteration_json(r) for r in out.trajectory]
+    return res
+
+
+def _prepare_images(svc, items: list[tuple[bytes, dict]]) -> list[tuple[torch.Tensor, Target]]:
+    s = svc.settings
+    limits = ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+    out = []
+    for data, spec in items:
+        target = parse_target(spec, svc.engine.limits, svc.default_target)
+        out.append((preprocess(decode_image(data, limits), svc.engine.loaded.config.img_size), target))
+    return out
+
+
+@router.post("/v1/tokenize", response_model=TokenizeResponse, tags=["tokenize"], openapi_extra=TOKENIZE_BODY,
+             responses={**ERRORS, 200: {"content": {"application/x-ndjson": {}}, "description":
+                        "JSON result, or with stream=true NDJSON events: `iteration` per iteration, then `result`"}},
+             dependencies=[Depends(require_key)])
+async def tokenize(request: Request):
+    """Tokenize images: the shortest token sequence whose reconstruction meets each image's target.
+
+    Send one image as multipart/form-data (`file` plus optional target fields) or a batch as JSON
+    with base64 images. `stream=true` answers with newline-delimited JSON events as iterations finish.
+    """
+    svc = _state(request)
+    started = time.monotonic()
+    deadline = _deadline(request)
+    items, include_rec, all_iters, stream = await _parse_tokenize(request)
+    prepared = await asyncio.to_thread(_prepare_images, svc, items)
+    if stream:
+        return StreamingResponse(_stream(svc, prepared, include_rec, all_iters, started, deadline),
+                                 media_type="application/x-ndjson")
+
+    async def one(img, target):
+        out = await svc.pipeline.tokenize(img, target, deadline)
+        return await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
+
+    results = await asyncio.gather(*(one(img, t) for img, t in prepared), return_exceptions=True)
+    for r in results:  # the first failure decides the response; the rest finished or were cancelled
+        if isinstance(r, BaseException):
+            raise r
+    return JSONResponse({"model": svc.model_ref, "results": results})
+
+
+async def _stream(svc, prepared, include_rec, all_iters, started, deadline):
+    """NDJSON: `iteration` events as each image's iterations complete, then its `result`."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def one(index: int, img, target):
+        def progress(rec: IterationRecord):
+            events.put_nowait({"event": "iteration", "index": index, **_iteration_json(rec)})
+
+        try:
+            out = await svc.pipeline.tokenize(img, target, deadline, progress=progress)
+            res = await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
+            events.put_nowait({"event": "result", "index": index, "model": svc.model_ref, **res})
+        except Exception as e:
+            err = to_api_error(e)
+            events.put_nowait({"event": "error", "index": index, "status": err.status,
+                               **error_body(err.code, err.message, err.detail)})
+
+    tasks = [asyncio.create_task(one(i, img, t)) for i, (img, t) in enumerate(prepared)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            ev = await events.get()
+            if ev["event"] in ("result", "error"):
+                remaining -= 1
+            yield (json.dumps(ev) + "\n").encode()
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+# ----- reconstruct ----------------------------------------------------------------------------------
+
+
+@router.post("/v1/reconstruct", response_model=ReconstructResponse, tags=["reconstruct"],
+             responses={**ERRORS, 200: {"content": {"image/png": {}}, "description":
+                        "JSON with base64 PNGs, or the PNG itself for one sequence with `Accept: image/png`"}},
+             dependencies=[Depends(require_key)])
+async def reconstruct(body: ReconstructJSON, request: Request):
+    """Token ids -> images. One sequence or a batch; each a multiple of the tokens per iteration."""
+    svc = _state(request)
+    deadline = _deadline(request)
+    ids = body.token_ids
+    single = not ids or not isinstance(ids[0], list)
+    seqs = [ids] if single else ids
+    if len(seqs) > svc.settings.max_batch_images:
+        raise ApiError(413, "too_many_images", f"token_ids: {len(seqs)} sequences; the limit per request is "
+                       f"{svc.settings.max_batch_images}", {"field": "token_ids"})
+    pixels = await svc.engine.reconstruct([np.asarray(s, dtype=np.int64) for s in seqs], deadline=deadline)
+    pngs = await asyncio.to_thread(lambda: [to_png(p) for p in pixels])
+    if single and "image/png" in request.headers.get("accept", ""):
+        return Response(pngs[0], media_type="image/png")
+    return {"model": svc.model_ref,
+            "images": [{"num_tokens": len(s), "png": base64.b64encode(p).decode()} for s, p in zip(seqs, pngs)]}
+
+
+# ----- models, health --------------------------------------------------------------------------------
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["models"], dependencies=[Depends(require_key)])
+async def models(request: Request):
+    svc = _state(request)
+    lm, c = svc.engine.loaded, svc.engine.loaded.config
+    return {"object": "list", "data": [{
+        "id": svc.model_ref["id"], "fingerprint": lm.fingerprint, "preset": preset_name_of(c), "source": lm.source,
+        "image_size": c.img_size, "tokens_per_iteration": c.tokens_per_iter, "max_tokens": c.max_tokens,
+        "codebook_size": c.vq_codebook_size, "default_target": TargetSpec(**svc.default_target.to_dict()),
+        "halting": svc.settings.halting,
+    }]}
+
+
+@router.get("/healthz", tags=["ops"])
+async def healthz():
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["ops"], responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request):
+    """Model loaded, workers warm and healthy, not draining."""
+    svc = getattr(request.app.state, "svc", None)
+    if svc is None:
+        return JSONResponse(error_body("starting", "the model is loading"), status_code=503)
+    if svc.draining:
+        return JSONResponse(error_body("draining", "shutting down; finishing in-flight requests"), status_code=503)
+    if not svc.engine.ready:
+        bad = [w.device for w in svc.engine.workers if not w.healthy]
+        return JSONResponse(error_body("unhealthy", "workers not ready", {"workers": bad}), status_code=503)
+    return {"status": "ready", "model": svc.model_ref, "cache": {"backend": svc.cache.backend, "available": svc.cache.available}}
+
+
+# unversioned aliases, as the mission names them (same handlers, same documentation)
+router.add_api_route("/tokenize", tokenize, methods=["POST"], name="tokenize_unversioned", tags=["tokenize"],
+                     response_model=TokenizeResponse, openapi_extra=TOKENIZE_BODY, dependencies=[Depends(require_key)],
+                     responses={**ERRORS, 200: {"content": {"application/x-ndjson": {}}}})
+router.add_api_route("/reconstruct", reconstruct, methods=["POST"], name="reconstruct_unversioned", tags=["reconstruct"],
+                     response_model=ReconstructResponse, dependencies=[Depends(require_key)],
+                     responses={**ERRORS, 200: {"content": {"image/png": {}}}})
