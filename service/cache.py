@@ -128,6 +128,7 @@ class MemoryCache:
         self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self.stats = CacheStats()
         self.available = True
+        self.on_error = None  # never called: memory does not fail
 
     async def get(self, key: str) -> Trajectory | None:
         raw = self._data.get(key)
@@ -161,6 +162,7 @@ class RedisCache:
         self.prefix, self.ttl_s, self.max_backoff_s = prefix, ttl_s, max_backoff_s
         self.stats = CacheStats()
         self.available = True
+        self.on_error = None  # callable, e.g. a Prometheus counter's inc
         self._retry_at = 0.0
         self._backoff = 0.0
 
@@ -171,7 +173,7 @@ class RedisCache:
         try:
             out = await op(*args)
         except Exception as e:  # connection refused, timeout, protocol error: all bypass the cache
-            self.stats.errors += 1
+            self._error()
             self._backoff = min(self.max_backoff_s, max(0.25, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff
             if self.available:
@@ -183,6 +185,11 @@ class RedisCache:
         self.available, self._backoff = True, 0.0
         return out
 
+    def _error(self) -> None:
+        self.stats.errors += 1
+        if self.on_error is not None:
+            self.on_error()
+
     async def get(self, key: str) -> Trajectory | None:
         raw = await self._call(self._redis.get, self.prefix + key)
         if raw is None:
@@ -190,7 +197,7 @@ class RedisCache:
         try:
             return Trajectory.from_bytes(raw)
         except (ValueError, struct.error):
-            self.stats.errors += 1
+            self._error()
             return None
 
     async def merge(self, key: str, records: list[IterationRecord]) -> None:

@@ -3,18 +3,55 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import logging
 
-    from .api.app import create_app
+    from .api.server import serve
     from .config import Settings
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in {"model": args.model, "host": args.host, "port": args.port}.items() if v is not None}
-    settings = Settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    serve(Settings(**overrides))
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from .client import AlitError, Client
+
+    with Client(args.url, api_key=args.api_key) as c:
+        try:
+            r = c.tokenize(args.image, max_l1=args.max_l1, min_psnr=args.min_psnr, tokens=args.tokens,
+                           max_tokens=args.max_tokens)
+        except AlitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    print(json.dumps({k: r[k] for k in ("num_tokens", "iterations", "l1", "psnr", "target_met", "cached", "token_ids")}))
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from .client import AlitError, Client
+
+    text = sys.stdin.read() if args.ids == "-" else (Path(args.ids).read_text() if Path(args.ids).is_file() else args.ids)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [int(x) for x in text.replace(",", " ").split()]
+    ids = data["token_ids"] if isinstance(data, dict) else data
+    with Client(args.url, api_key=args.api_key) as c:
+        try:
+            png = c.reconstruct(ids)
+        except AlitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    Path(args.out).write_bytes(png)
+    print(f"wrote {args.out} ({len(png)} bytes)")
     return 0
 
 
@@ -65,6 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     v.add_argument("--batch-mode", default="cohort", choices=["cohort", "padded"])
     v.set_defaults(func=_verify)
+
+    t = sub.add_parser("tokenize", help="tokenize an image with a running server")
+    t.add_argument("image")
+    t.add_argument("--url", default=os.environ.get("ALIT_URL", "http://127.0.0.1:8000"))
+    t.add_argument("--api-key", default=os.environ.get("ALIT_API_KEY"))
+    t.add_argument("--max-l1", type=float)
+    t.add_argument("--min-psnr", type=float)
+    t.add_argument("--tokens", type=int)
+    t.add_argument("--max-tokens", type=int)
+    t.set_defaults(func=_tokenize)
+
+    r = sub.add_parser("reconstruct", help="token ids (JSON list, file, or - for stdin) -> PNG via a running server")
+    r.add_argument("ids")
+    r.add_argument("-o", "--out", default="reconstruction.png")
+    r.add_argument("--url", default=os.environ.get("ALIT_URL", "http://127.0.0.1:8000"))
+    r.add_argument("--api-key", default=os.environ.get("ALIT_API_KEY"))
+    r.set_defaults(func=_reconstruct)
 
     c = sub.add_parser("convert", help="published .pth -> model.safetensors + config.json + MODEL_CARD.md")
     c.add_argument("src")

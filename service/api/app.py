@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cache import make_cache
 from ..config import Settings
+from ..metrics import Metrics
 from ..engine import Engine, EngineSettings, Target
 from ..model.presets import preset_name_of
 from ..model.registry import resolve
@@ -23,6 +24,8 @@ from .pipeline import TokenizePipeline
 from .routes import router
 
 log = logging.getLogger("alit.api")
+ENDPOINTS = {"/v1/tokenize", "/v1/reconstruct", "/tokenize", "/reconstruct", "/v1/models", "/healthz", "/readyz",
+             "/metrics", "/", "/openapi.json", "/docs"}
 
 
 @dataclass
@@ -33,6 +36,7 @@ class ServiceState:
     pipeline: TokenizePipeline
     default_target: Target
     model_ref: dict
+    metrics: Metrics
     draining: bool = False
     drain_started: float = float("inf")
     inflight: int = 0
@@ -48,20 +52,27 @@ class ServiceState:
         return self.inflight > 0 or len(self.engine.queue) > 0 or any(w.scheduler.active for w in self.engine.workers)
 
 
-def build_state(settings: Settings, observer=None) -> ServiceState:
+def build_state(settings: Settings) -> ServiceState:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     loaded = resolve(settings.model, heads=settings.heads)
+    cfg = loaded.config
+    metrics = Metrics(max_iters=cfg.max_iters, max_batch=settings.max_batch, max_tokens=cfg.max_tokens,
+                      tokens_per_iter=cfg.tokens_per_iter)
+    model_ref = {"id": preset_name_of(cfg) or "custom", "fingerprint": loaded.fingerprint}
+    metrics.model_info.info({"id": model_ref["id"], "fingerprint": loaded.fingerprint, "source": loaded.source,
+                             "image_size": str(cfg.img_size), "max_tokens": str(cfg.max_tokens)})
     engine = Engine(loaded, EngineSettings(
         devices=settings.devices, max_batch=settings.max_batch, max_queue=settings.max_queue,
         batch_mode=settings.batch_mode, halting=settings.halting, dtype=settings.dtype, warmup=settings.warmup,
-    ), observer=observer).start()
+    ), observer=metrics).start()
     cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
                        max_entries=settings.cache_max_entries)
-    halting_tag = f"halting={settings.halting}:thr={loaded.config.halting_threshold}" if settings.halting else "halting=off"
-    pipeline = TokenizePipeline(engine, cache, halting_tag, observer=observer)
-    model_ref = {"id": preset_name_of(loaded.config) or "custom", "fingerprint": loaded.fingerprint}
-    return ServiceState(settings, engine, cache, pipeline, Target(max_l1=settings.default_max_l1), model_ref)
+    cache.on_error = metrics.cache_errors.inc
+    metrics.cache_available.set_function(lambda: 1.0 if cache.available else 0.0)
+    halting_tag = f"halting=on:thr={cfg.halting_threshold}" if settings.halting else "halting=off"
+    pipeline = TokenizePipeline(engine, cache, halting_tag, observer=metrics)
+    return ServiceState(settings, engine, cache, pipeline, Target(max_l1=settings.default_max_l1), model_ref, metrics)
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -86,8 +97,11 @@ class RequestGuard:
         scope.setdefault("state", {})["arrived"] = time.monotonic()
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
+            if svc is not None:
+                svc.metrics.request(scope.get("path", "") if scope.get("path") in ENDPOINTS else "other", 413, 0.0)
             return await _send_413(send, limit)
-        received, responded = 0, False
+        received, status = 0, None
+        started = time.perf_counter()
 
         async def limited_receive():
             nonlocal received
@@ -99,9 +113,9 @@ class RequestGuard:
             return msg
 
         async def guarded_send(msg):
-            nonlocal responded
+            nonlocal status
             if msg["type"] == "http.response.start":
-                responded = True
+                status = msg["status"]
             await send(msg)
 
         if svc is not None:
@@ -109,11 +123,14 @@ class RequestGuard:
         try:
             await self.app(scope, limited_receive, guarded_send)
         except BodyTooLarge:
-            if not responded:
+            if status is None:
+                status = 413
                 await _send_413(send, limit)
         finally:
             if svc is not None:
                 svc.inflight -= 1
+                path = scope.get("path", "")
+                svc.metrics.request(path if path in ENDPOINTS else "other", status or 500, time.perf_counter() - started)
 
 
 async def _send_413(send, limit: int) -> None:
@@ -124,12 +141,12 @@ async def _send_413(send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings | None = None, observer=None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.svc = build_state(settings, observer)
+        app.state.svc = build_state(settings)
         log.info("ready: model %s (%s)", app.state.svc.model_ref["id"], app.state.svc.model_ref["fingerprint"][:16])
         try:
             yield
@@ -153,4 +170,24 @@ def create_app(settings: Settings | None = None, observer=None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Timeout"])
     app.add_middleware(RequestGuard, fastapi_app=app)
+    _publish_manual_schemas(app)
     return app
+
+
+def _publish_manual_schemas(app: FastAPI) -> None:
+    """/v1/tokenize parses its body by content type, so FastAPI cannot see its JSON model; add it."""
+    from fastapi.openapi.utils import get_openapi
+
+    from .schemas import TokenizeJSON
+
+    def openapi():
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            extra = TokenizeJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps = spec.setdefault("components", {}).setdefault("schemas", {})
+            comps.update(extra.pop("$defs", {}))
+            comps["TokenizeJSON"] = extra
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -58,6 +59,13 @@ TOKENIZE_BODY = {
 
 def _state(request: Request):
     return request.app.state.svc
+
+
+async def not_draining(request: Request) -> None:
+    """Requests that arrive after a shutdown signal are refused; earlier ones finish."""
+    svc = request.app.state.svc
+    if svc is not None and svc.draining and request.scope.get("state", {}).get("arrived", 0.0) >= svc.drain_started:
+        raise ApiError(503, "draining", "the server is shutting down; retry on another replica", None, {"Retry-After": "5"})
 
 
 # ----- parsing ---------------------------------------------------------------------------------------
@@ -186,7 +194,7 @@ def _prepare_images(svc, items: list[tuple[bytes, dict]]) -> list[tuple[torch.Te
 @router.post("/v1/tokenize", response_model=TokenizeResponse, tags=["tokenize"], openapi_extra=TOKENIZE_BODY,
              responses={**ERRORS, 200: {"content": {"application/x-ndjson": {}}, "description":
                         "JSON result, or with stream=true NDJSON events: `iteration` per iteration, then `result`"}},
-             dependencies=[Depends(require_key)])
+             dependencies=[Depends(require_key), Depends(not_draining)])
 async def tokenize(request: Request):
     """Tokenize images: the shortest token sequence whose reconstruction meets each image's target.
 
@@ -249,7 +257,7 @@ async def _stream(svc, prepared, include_rec, all_iters, started, deadline):
 @router.post("/v1/reconstruct", response_model=ReconstructResponse, tags=["reconstruct"],
              responses={**ERRORS, 200: {"content": {"image/png": {}}, "description":
                         "JSON with base64 PNGs, or the PNG itself for one sequence with `Accept: image/png`"}},
-             dependencies=[Depends(require_key)])
+             dependencies=[Depends(require_key), Depends(not_draining)])
 async def reconstruct(body: ReconstructJSON, request: Request):
     """Token ids -> images. One sequence or a batch; each a multiple of the tokens per iteration."""
     svc = _state(request)
@@ -271,7 +279,7 @@ async def reconstruct(body: ReconstructJSON, request: Request):
 # ----- models, health --------------------------------------------------------------------------------
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"], dependencies=[Depends(require_key)])
+@router.get("/v1/models", response_model=ModelList, tags=["models"], dependencies=[Depends(require_key), Depends(not_draining)])
 async def models(request: Request):
     svc = _state(request)
     lm, c = svc.engine.loaded, svc.engine.loaded.config
@@ -281,6 +289,14 @@ async def models(request: Request):
         "codebook_size": c.vq_codebook_size, "default_target": TargetSpec(**svc.default_target.to_dict()),
         "halting": svc.settings.halting,
     }]}
+
+
+@router.get("/metrics", tags=["ops"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format"}})
+async def metrics(request: Request):
+    """Prometheus metrics (see the README's metrics table)."""
+    svc = _state(request)
+    return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", tags=["ops"])
@@ -305,8 +321,8 @@ async def readyz(request: Request):
 
 # unversioned aliases, as the mission names them (same handlers, same documentation)
 router.add_api_route("/tokenize", tokenize, methods=["POST"], name="tokenize_unversioned", tags=["tokenize"],
-                     response_model=TokenizeResponse, openapi_extra=TOKENIZE_BODY, dependencies=[Depends(require_key)],
+                     response_model=TokenizeResponse, openapi_extra=TOKENIZE_BODY, dependencies=[Depends(require_key), Depends(not_draining)],
                      responses={**ERRORS, 200: {"content": {"application/x-ndjson": {}}}})
 router.add_api_route("/reconstruct", reconstruct, methods=["POST"], name="reconstruct_unversioned", tags=["reconstruct"],
-                     response_model=ReconstructResponse, dependencies=[Depends(require_key)],
+                     response_model=ReconstructResponse, dependencies=[Depends(require_key), Depends(not_draining)],
                      responses={**ERRORS, 200: {"content": {"image/png": {}}}})
