@@ -300,3 +300,23 @@ def test_readme_configuration_table_matches_settings():
     documented = set(re.findall(r"^\| `(ALIT_[A-Z0-9_]+)` \|", readme, re.M))
     actual = {f"ALIT_{name.upper()}" for name in Settings.model_fields}
     assert documented == actual, (actual - documented, documented - actual)
+
+
+def test_readme_curl_examples_work(start_server, tmp_path):
+    """Every curl line of the README's API section, run by bash against a real server (port swapped)."""
+    import shutil
+    import subprocess
+
+    readme = (ROOT / "README.md").read_text()
+    api = readme[readme.index("## API"):readme.index("## Loading a published checkpoint")]
+    blocks = re.findall(r"```bash\n(.*?)```", api, re.S)
+    commands = [b.strip() for b in blocks if "curl" in b]
+    assert len(commands) >= 5
+    srv = start_server(model="preset:test_tiny")
+    shutil.copy(PHOTOS[0], tmp_path / "photo.png")
+    for cmd in commands:
+        cmd = cmd.replace("localhost:8000", f"127.0.0.1:{srv.port}")
+        out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (cmd, out.stderr)
+        assert '"error"' not in out.stdout, (cmd, out.stdout[:300])
+    assert Image.open(tmp_path / "recon.png").size == (64, 64)
