@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test verify clean
+.PHONY: setup system-deps serve test verify bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,20 @@ setup: $(STAMP)
 serve: setup
 	$(VENV)/bin/alit-serve serve
 
-test: setup
+# Debian packages the tests run for real: Prometheus (dashboard test) and docker-compose (compose
+# validation). Installed when missing and possible (root + apt-get); otherwise those tests skip loudly.
+system-deps:
+	@if command -v prometheus >/dev/null && command -v docker-compose >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose; \
+	else echo "WARNING: prometheus/docker-compose missing and not installable here: their tests will be SKIPPED"; fi
+
+test: setup system-deps
 	$(PY) -m pytest -q
+
+bench: setup
+	$(PIP) install -q -e ".[test,bench]"
+	$(PY) loadtest/bench_engine.py --json docs/bench_engine.json --plot docs/bench_engine.png
 
 verify: setup
 	$(VENV)/bin/alit-serve verify tests/fixtures/alit-reference

@@ -8,6 +8,8 @@ uvicorn workers.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from .engine.observer import EngineObserver
@@ -50,6 +52,9 @@ class Metrics(EngineObserver):
                                 registry=r)
         self.worker_healthy = Gauge("alit_worker_healthy", "1 when a worker is warm and serving", ["device"], registry=r)
         self.model_info = Info("alit_model", "The served model", registry=r)
+        self.device_memory = Gauge("alit_device_memory_bytes", "Memory in use per worker device: bytes allocated "
+                                   "by torch on a GPU, the process's resident set on the CPU", ["device"], registry=r)
+        self.devices: list[str] = []
         for reason in ("queue_full", "deadline", "cancelled", "step_failed", "stopped"):
             self.rejections.labels(reason)  # export zeros so rate() works from the start
         for result in ("hit", "miss"):
@@ -92,4 +97,15 @@ class Metrics(EngineObserver):
         self.request_seconds.labels(endpoint).observe(seconds)
 
     def exposition(self) -> bytes:
+        for d in self.devices:
+            self.device_memory.labels(d).set(device_memory_bytes(d))
         return generate_latest(self.registry)
+
+
+def device_memory_bytes(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.memory_allocated(device))
+    with open("/proc/self/statm") as f:  # resident pages x page size
+        return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))

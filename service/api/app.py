@@ -66,6 +66,7 @@ def build_state(settings: Settings) -> ServiceState:
         devices=settings.devices, max_batch=settings.max_batch, max_queue=settings.max_queue,
         batch_mode=settings.batch_mode, halting=settings.halting, dtype=settings.dtype, warmup=settings.warmup,
     ), observer=metrics).start()
+    metrics.devices = [w.device for w in engine.workers]
     cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
                        max_entries=settings.cache_max_entries)
     cache.on_error = metrics.cache_errors.inc
