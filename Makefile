@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps serve test verify bench clean
+.PHONY: setup system-deps serve test verify bench triton clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ system-deps:
 
 test: setup system-deps
 	$(PY) -m pytest -q
+
+# A local Triton Inference Server on model_repository/ (HTTP 8010, gRPC 8011, metrics 8012).
+triton: setup
+	$(VENV)/bin/alit-serve triton
 
 bench: setup
 	$(PIP) install -q -e ".[test,bench]"

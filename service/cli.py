@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--api-key", default=os.environ.get("ALIT_API_KEY"))
     r.set_defaults(func=_reconstruct)
 
+    tr = sub.add_parser("triton", help="run a local tritonserver (nvidia-pytriton wheel) on model_repository/",
+                        add_help=False)
+    tr.set_defaults(func=lambda a: __import__("service.tritonserver", fromlist=["main"]).main(a.rest))
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
+
     c = sub.add_parser("convert", help="published .pth -> model.safetensors + config.json + MODEL_CARD.md")
     c.add_argument("src")
     c.add_argument("out_dir")

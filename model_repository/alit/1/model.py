@@ -1,0 +1,129 @@
+"""Triton Python backend for ALIT: a thin adapter over the project's model and engine.
+
+Triton's Python stub ignores PYTHONPATH when it builds sys.path, so the environment's
+site-packages and the project root come from ALIT_PYTHONPATH (set by `alit-serve triton`; in a
+container, point it at the image's site-packages and the project).
+"""
+
+import json
+import os
+import sys
+
+for _p in reversed([p for p in os.environ.get("ALIT_PYTHONPATH", "").split(os.pathsep) if p]):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from service.engine import Engine, EngineSettings, QueueFull, Target, TargetError, parse_target  # noqa: E402
+from service.engine.scheduler import TokenizeJob  # noqa: E402
+from service.imaging import ImageError, decode_image, preprocess  # noqa: E402
+from service.model.registry import resolve  # noqa: E402
+
+TARGET_INPUTS = {"MAX_L1": "max_l1", "MIN_PSNR": "min_psnr", "TOKENS": "tokens", "MAX_TOKENS": "max_tokens"}
+
+
+def _setting(params: dict, key: str, default: str) -> str:
+    value = params.get(key, {}).get("string_value", "")
+    return value or os.environ.get(f"ALIT_{key.upper()}", "") or default
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(cfg):
+            raise pb_utils.TritonModelException("the alit model needs model_transaction_policy { decoupled: true }")
+        params = cfg.get("parameters", {})
+        if os.environ.get("ALIT_TORCH_THREADS"):
+            torch.set_num_threads(int(os.environ["ALIT_TORCH_THREADS"]))
+        device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
+        self.loaded = resolve(_setting(params, "model", "preset:test_tiny"))
+        self.engine = Engine(self.loaded, EngineSettings(
+            devices=device, max_batch=int(_setting(params, "max_batch", "32")),
+            max_queue=int(cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 256) or 256),
+            halting=_setting(params, "halting", "true").lower() in ("1", "true", "yes", "on"),
+        )).start()
+        self.default_target = Target(max_l1=float(_setting(params, "default_max_l1", "0.07")))
+        self.size = self.loaded.config.img_size
+
+    # ----- request -> job ----------------------------------------------------------------------------
+    def _job(self, request) -> TokenizeJob:
+        image = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+        pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS")
+        if (image is None) == (pixels is None):
+            raise ValueError("send exactly one of IMAGE (encoded bytes) or PIXELS (UINT8 HxWx3)")
+        if image is not None:
+            arr = image.as_numpy()
+            if arr.shape[0] != 1:
+                raise ValueError(f"one image per request (batch dimension 1), got {arr.shape[0]}")
+            pil = decode_image(bytes(arr.reshape(-1)[0]))
+        else:
+            arr = pixels.as_numpy()
+            if arr.shape[0] != 1:
+                raise ValueError(f"one image per request (batch dimension 1), got {arr.shape[0]}")
+            from PIL import Image
+
+            pil = Image.fromarray(np.ascontiguousarray(arr[0]), mode="RGB")
+        spec = {}
+        for name, field in TARGET_INPUTS.items():
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is not None:
+                v = t.as_numpy().reshape(-1)[0].item()
+                spec[field] = v
+        target = parse_target(spec, self.engine.limits, self.default_target)
+        return TokenizeJob(image=preprocess(pil, self.size), target=target)
+
+    # ----- responses ------------------------------------------------------------------------------------
+    @staticmethod
+    def _error(sender, message: str) -> None:
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _respond(self, sender, future) -> None:
+        """Runs on the engine's worker thread the moment an image halts."""
+        if future.cancelled():
+            return self._error(sender, "cancelled")
+        exc = future.exception()
+        if exc is not None:
+            return self._error(sender, f"{type(exc).__name__}: {exc}")
+        r = future.result()
+        nan = float("nan")
+        outputs = [
+            pb_utils.Tensor("TOKEN_IDS", r.token_ids.astype(np.int32)[None, :]),
+            pb_utils.Tensor("NUM_TOKENS", np.array([[r.num_tokens]], np.int32)),
+            pb_utils.Tensor("ITERATIONS", np.array([[r.iterations]], np.int32)),
+            pb_utils.Tensor("L1", np.array([[nan if r.l1 is None else r.l1]], np.float32)),
+            pb_utils.Tensor("PSNR", np.array([[nan if r.psnr is None else r.psnr]], np.float32)),
+            pb_utils.Tensor("TARGET_MET", np.array([[r.target_met]], bool)),
+        ]
+        sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def execute(self, requests):
+        """Hand every request's image to the engine and return; responses follow as images halt."""
+        jobs, senders = [], []
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                job = self._job(request)
+            except (ImageError, TargetError, ValueError) as e:
+                self._error(sender, f"invalid request: {e}")
+                continue
+            jobs.append(job)
+            senders.append(sender)
+        if not jobs:
+            return None
+        try:
+            self.engine.queue.put(jobs, self.engine.retry_after())
+        except QueueFull as e:
+            for s in senders:
+                self._error(s, str(e))
+            return None
+        for job, sender in zip(jobs, senders):
+            job.future.add_done_callback(lambda f, s=sender: self._respond(s, f))
+        return None
+
+    def finalize(self):
+        self.engine.shutdown()

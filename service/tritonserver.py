@@ -1,0 +1,97 @@
+"""Start a local Triton Inference Server (the binary the nvidia-pytriton wheel ships) on our model
+repository: `alit-serve triton` / `make triton`. For development and tests; production runs NVIDIA's
+Triton container on `model_repository/`.
+
+The wheel's tree is assembled into a runtime folder (the Python backend needs the stub built for
+this Python next to it), its bundled libraries go on LD_LIBRARY_PATH, and ALIT_PYTHONPATH tells the
+model's `model.py` where this environment's packages and the project are (the stub ignores
+PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPOSITORY = ROOT / "model_repository"
+
+
+class TritonUnavailable(RuntimeError):
+    pass
+
+
+def _pytriton_paths() -> tuple[Path, Path]:
+    try:
+        import pytriton
+    except ImportError as e:
+        raise TritonUnavailable("nvidia-pytriton is not installed (pip install nvidia-pytriton)") from e
+    pkg = Path(pytriton.__file__).parent
+    libs = pkg.parent / "nvidia_pytriton.libs"
+    return pkg / "tritonserver", libs
+
+
+def prepare_runtime(runtime: Path) -> Path:
+    """A tritonserver tree with the Python-backend stub for this interpreter; returns its folder."""
+    server, _ = _pytriton_paths()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonUnavailable(f"no Python-backend stub for Python {version} in {server}")
+    if not (runtime / "bin" / "tritonserver").is_file():
+        runtime.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(server, runtime, dirs_exist_ok=True, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    target = runtime / "backends" / "python" / "triton_python_backend_stub"
+    if not target.is_file():
+        shutil.copy(stub, target)
+    return runtime
+
+
+@dataclass
+class TritonPorts:
+    http: int = 8010
+    grpc: int = 8011
+    metrics: int = 8012
+
+
+def command(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY) -> tuple[list[str], dict]:
+    _, libs = _pytriton_paths()
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    paths = [str(ROOT), *site.getsitepackages()]
+    env["ALIT_PYTHONPATH"] = os.pathsep.join(paths)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    cmd = [str(runtime / "bin" / "tritonserver"), f"--model-repository={repository}",
+           f"--backend-directory={runtime / 'backends'}", f"--http-port={ports.http}", f"--grpc-port={ports.grpc}",
+           f"--metrics-port={ports.metrics}", "--log-verbose=0", "--exit-timeout-secs=30"]
+    return cmd, env
+
+
+def start(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, **popen) -> subprocess.Popen:
+    cmd, env = command(prepare_runtime(runtime), ports, repository)
+    return subprocess.Popen(cmd, env=env, **popen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="alit-serve triton", description=__doc__)
+    p.add_argument("--runtime", default=str(ROOT / "runs" / "tritonserver"), help="folder for the server tree")
+    p.add_argument("--http-port", type=int, default=8010)
+    p.add_argument("--grpc-port", type=int, default=8011)
+    p.add_argument("--metrics-port", type=int, default=8012)
+    p.add_argument("--repository", default=str(REPOSITORY))
+    a = p.parse_args(argv)
+    try:
+        cmd, env = command(prepare_runtime(Path(a.runtime)), TritonPorts(a.http_port, a.grpc_port, a.metrics_port),
+                           Path(a.repository))
+    except TritonUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.execvpe(cmd[0], cmd, env)
+    return 0

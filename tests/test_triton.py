@@ -1,0 +1,170 @@
+"""The model repository on a real tritonserver (from the nvidia-pytriton wheel), driven by tritonclient."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import queue
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURE, free_port
+
+tritonclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient is part of the test extras")
+from service.tritonserver import TritonPorts, start  # noqa: E402
+
+PHOTOS = sorted((FIXTURE / "images").rglob("*.*"))
+TARGETS = [{"MAX_L1": 0.8775}, {"TOKENS": 96}, {"MIN_PSNR": 3.0}, {"MAX_L1": 0.3, "MAX_TOKENS": 128},
+           {"TOKENS": 256}, {"MAX_L1": 0.0001}, {}, {"MIN_PSNR": 2.0, "MAX_TOKENS": 64}]
+DTYPES = {"MAX_L1": ("FP32", np.float32), "MIN_PSNR": ("FP32", np.float32), "TOKENS": ("INT32", np.int32),
+          "MAX_TOKENS": ("INT32", np.int32)}
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    ports = TritonPorts(free_port(), free_port(), free_port())
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    env_backup = dict(os.environ)
+    os.environ.update({"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
+                       "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")})
+    try:
+        with open(log, "w") as out:
+            proc = start(tmp_path_factory.mktemp("runtime"), ports, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{ports.http}/v2/models/alit/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        raise TimeoutError(log.read_text()[-3000:])
+    yield ports
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def _inputs(image: bytes | None, target: dict, pixels: np.ndarray | None = None):
+    from tritonclient.grpc import InferInput
+
+    inputs = []
+    if image is not None:
+        i = InferInput("IMAGE", [1, 1], "BYTES")
+        i.set_data_from_numpy(np.array([[image]], dtype=object))
+        inputs.append(i)
+    if pixels is not None:
+        i = InferInput("PIXELS", [1, *pixels.shape], "UINT8")
+        i.set_data_from_numpy(pixels[None])
+        inputs.append(i)
+    for name, value in target.items():
+        dtype, np_type = DTYPES[name]
+        i = InferInput(name, [1, 1], dtype)
+        i.set_data_from_numpy(np.array([[value]], dtype=np_type))
+        inputs.append(i)
+    return inputs
+
+
+def infer_many(port: int, requests: list[tuple]) -> dict[str, object]:
+    """Send all requests at once on one gRPC stream (decoupled model); collect results by id."""
+    from tritonclient.grpc import InferenceServerClient
+
+    results: queue.Queue = queue.Queue()
+    client = InferenceServerClient(f"127.0.0.1:{port}")
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for n, (image, target, pixels) in enumerate(requests):
+            client.async_stream_infer("alit", _inputs(image, target, pixels), request_id=str(n))
+        out = {}
+        while len(out) < len(requests):
+            result, error = results.get(timeout=120)
+            if error is not None:
+                out[f"error-{len(out)}"] = error
+                continue
+            rid = result.get_response().id
+            out[rid] = {k: result.as_numpy(k) for k in ("TOKEN_IDS", "NUM_TOKENS", "ITERATIONS", "L1", "TARGET_MET")}
+        return out
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def in_process(requests: list[tuple]) -> list:
+    from service.engine import Engine, EngineSettings, Target, parse_target
+    from service.imaging import decode_image, preprocess
+    from service.model.checkpoint import load_model
+
+    loaded = load_model(FIXTURE / "checkpoint.pth")
+    names = {"MAX_L1": "max_l1", "MIN_PSNR": "min_psnr", "TOKENS": "tokens", "MAX_TOKENS": "max_tokens"}
+
+    async def go():
+        eng = Engine(loaded, EngineSettings(devices="cpu", warmup=False)).start()
+        try:
+            jobs = []
+            for image, target, _ in requests:
+                t = parse_target({names[k]: v for k, v in target.items()}, eng.limits, Target(max_l1=0.07))
+                jobs.append(eng.tokenize(preprocess(decode_image(image), 64), t))
+            return await asyncio.gather(*jobs)
+        finally:
+            eng.shutdown()
+
+    return asyncio.run(go())
+
+
+def noise_png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_32_concurrent_mixed_targets_match_the_in_process_engine(triton):
+    corpus = [p.read_bytes() for p in PHOTOS] + [noise_png(s) for s in range(3)]
+    requests = [(corpus[i % len(corpus)], TARGETS[i % len(TARGETS)], None) for i in range(32)]
+    got = infer_many(triton.grpc, requests)
+    assert not [k for k in got if k.startswith("error")], got
+    want = in_process(requests)
+    iterations = set()
+    for n, w in enumerate(want):
+        g = got[str(n)]
+        np.testing.assert_array_equal(g["TOKEN_IDS"][0], w.token_ids)
+        assert int(g["NUM_TOKENS"][0, 0]) == w.num_tokens
+        assert int(g["ITERATIONS"][0, 0]) == w.iterations
+        assert bool(g["TARGET_MET"][0, 0]) == w.target_met
+        if w.l1 is None:
+            assert np.isnan(g["L1"][0, 0])
+        else:
+            assert abs(float(g["L1"][0, 0]) - w.l1) <= 1e-5
+        iterations.add(w.iterations)
+    assert len(iterations) >= 3
+
+
+def test_pixels_input_equals_encoded_image(triton):
+    data = PHOTOS[0].read_bytes()
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+    got = infer_many(triton.grpc, [(data, {"TOKENS": 64}, None), (None, {"TOKENS": 64}, pixels)])
+    np.testing.assert_array_equal(got["0"]["TOKEN_IDS"], got["1"]["TOKEN_IDS"])
+
+
+def test_invalid_requests_get_error_responses_and_the_model_keeps_serving(triton):
+    from tritonclient.utils import InferenceServerException
+
+    got = infer_many(triton.grpc, [(b"not an image", {}, None)])
+    (err,) = got.values()
+    assert isinstance(err, InferenceServerException) and "not a recognised image" in str(err)
+    got = infer_many(triton.grpc, [(PHOTOS[1].read_bytes(), {"TOKENS": 33}, None)])
+    (err,) = got.values()
+    assert "tokens: must be a multiple of 32" in str(err)
+    ok = infer_many(triton.grpc, [(PHOTOS[1].read_bytes(), {"TOKENS": 32}, None)])
+    assert int(ok["0"]["NUM_TOKENS"][0, 0]) == 32
