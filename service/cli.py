@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--api-key", default=os.environ.get("ALIT_API_KEY"))
     r.set_defaults(func=_reconstruct)
 
-    tr = sub.add_parser("triton", help="run a local tritonserver (nvidia-pytriton wheel) on model_repository/",
-                        add_help=False)
-    tr.set_defaults(func=lambda a: __import__("service.tritonserver", fromlist=["main"]).main(a.rest))
-    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("triton", help="run a local tritonserver (nvidia-pytriton wheel) on model_repository/")
 
     c = sub.add_parser("convert", help="published .pth -> model.safetensors + config.json + MODEL_CARD.md")
     c.add_argument("src")
@@ -131,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--heads", type=int, help="attention heads when no preset matches the weights")
     c.set_defaults(func=_convert)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["triton"]:  # its own options, parsed by service.tritonserver
+        from .tritonserver import main as triton_main
+
+        return triton_main(argv[1:])
     args = p.parse_args(argv)
     return args.func(args)
 
