@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="Weights: a .pth/.safetensors file, a directory holding one, or `preset:NAME[:seedN]`.")
     heads: int | None = Field(None, description="Attention heads when they cannot be inferred from the weights.")
     # engine
+    engine: str = Field("local", pattern="^(local|triton)$", description="`local`: in-process workers; `triton`: forward tokenization to Triton.")
+    triton_url: str = Field("127.0.0.1:8011", description="Triton gRPC address when `ALIT_ENGINE=triton`.")
     devices: str = Field("auto", description="`auto` (every GPU, else CPU), `cpu`, or `cuda:0,cuda:1`: one worker each.")
     max_batch: int = Field(32, ge=1, description="Images in flight per worker (continuous batching).")
     max_queue: int = Field(256, ge=1, description="Images waiting for admission; beyond it requests get 503 + Retry-After.")

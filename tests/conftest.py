@@ -182,12 +182,57 @@ class Server:
         return self.proc.returncode
 
 
+@pytest.fixture(scope="session")
+def triton_ports(tmp_path_factory):
+    """A real tritonserver (nvidia-pytriton wheel) on model_repository/, serving the fixture model."""
+    import httpx
+
+    from service.tritonserver import TritonPorts, start
+
+    ports = TritonPorts(free_port(), free_port(), free_port())
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    saved = dict(os.environ)
+    os.environ.update({"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
+                       "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")})
+    try:
+        with open(log, "w") as out:
+            proc = start(tmp_path_factory.mktemp("runtime"), ports, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{ports.http}/v2/models/alit/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(log.read_text()[-3000:])
+        time.sleep(0.3)
+    yield ports
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(params=["local", "triton"])
+def engine(request):
+    """Run a test against the in-process engine and against Triton."""
+    return request.param
+
+
 @pytest.fixture
-def start_server(tmp_path):
-    """start_server(**ALIT_settings) -> a running `alit-serve serve` on a free port (real uvicorn)."""
+def start_server(tmp_path, request):
+    """start_server(**ALIT_settings) -> a running `alit-serve serve` on a free port (real uvicorn).
+    With engine="triton", tokenization goes to the session's real tritonserver."""
     servers: list[Server] = []
 
     def start(**settings) -> Server:
+        if settings.get("engine") == "triton":
+            settings["triton_url"] = f"127.0.0.1:{request.getfixturevalue('triton_ports').grpc}"
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ALIT_PORT": str(port), "ALIT_DEVICES": "cpu",
                "ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),

@@ -40,19 +40,19 @@ def tokenize(url: str, data: bytes, **target) -> httpx.Response:
 # ----- cache --------------------------------------------------------------------------------------
 
 
-def test_looser_target_after_stricter_is_a_cache_hit_without_engine_work(start_server, shared_redis_url, cache_prefix):
-    srv = start_server(redis_url=shared_redis_url, cache_prefix=cache_prefix)
+def test_looser_target_after_stricter_is_a_cache_hit_without_engine_work(start_server, engine, shared_redis_url, cache_prefix):
+    srv = start_server(redis_url=shared_redis_url, cache_prefix=cache_prefix, engine=engine)
     data = PHOTOS[0].read_bytes()
     strict = tokenize(srv.url, data, max_l1=0.0001)  # never met: every iteration measured
     assert strict.status_code == 200, strict.text
     s = strict.json()["results"][0]
     assert s["cached"] is False and s["target_met"] is False and s["iterations"] == 8
-    engine_before = srv.metric("alit_images_total")
+    engine_before = srv.metric("alit_cache_requests_total", result="miss")
     for target in ({"max_l1": 0.95}, {"tokens": 96}, {"min_psnr": 1.0}, {"max_l1": 0.0002}):
         r = tokenize(srv.url, data, **target)
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["cached"] is True, target
-    assert srv.metric("alit_images_total") - engine_before == 0
+    assert srv.metric("alit_cache_requests_total", result="miss") - engine_before == 0  # nothing reached an engine
     assert tokenize(srv.url, data, tokens=96).json()["results"][0]["token_ids"] == s_prefix_ids(srv, data, 3)
     assert srv.metric("alit_cache_requests_total", result="hit") >= 4
 
@@ -63,10 +63,10 @@ def s_prefix_ids(srv, data: bytes, iteration: int) -> list[int]:
     return r["results"][0]["all_iterations"][iteration - 1]["token_ids"]
 
 
-def test_twenty_concurrent_identical_requests_compute_once(start_server, shared_redis_url, cache_prefix):
-    srv = start_server(redis_url=shared_redis_url, cache_prefix=cache_prefix)
+def test_twenty_concurrent_identical_requests_compute_once(start_server, engine, shared_redis_url, cache_prefix):
+    srv = start_server(redis_url=shared_redis_url, cache_prefix=cache_prefix, engine=engine)
     data = PHOTOS[3].read_bytes()
-    before = srv.metric("alit_images_total")
+    before = srv.metric("alit_cache_requests_total", result="miss")
 
     async def go():
         async with httpx.AsyncClient(timeout=60) as c:
@@ -78,7 +78,7 @@ def test_twenty_concurrent_identical_requests_compute_once(start_server, shared_
     assert [r.status_code for r in responses] == [200] * 20
     ids = {tuple(r.json()["results"][0]["token_ids"]) for r in responses}
     assert len(ids) == 1
-    assert srv.metric("alit_images_total") - before == 1
+    assert srv.metric("alit_cache_requests_total", result="miss") - before == 1  # one engine computation
 
 
 def test_redis_down_then_back(start_server, own_redis):
@@ -110,8 +110,8 @@ def test_redis_down_then_back(start_server, own_redis):
 # ----- responses ----------------------------------------------------------------------------------
 
 
-def test_json_batch_with_reconstruction_and_all_iterations(start_server):
-    srv = start_server()
+def test_json_batch_with_reconstruction_and_all_iterations(start_server, engine):
+    srv = start_server(engine=engine)
     body = {"images": [{"image": b64(PHOTOS[0].read_bytes()), "target": {"tokens": 64}},
                        {"image": b64(PHOTOS[1].read_bytes()), "target": {"max_l1": 0.99}}],
             "include_reconstruction": True, "all_iterations": True}
@@ -139,8 +139,8 @@ def test_json_batch_with_reconstruction_and_all_iterations(start_server):
     assert httpx.post(srv.url + "/reconstruct", json={"token_ids": a["token_ids"]}, timeout=60).status_code == 200
 
 
-def test_stream_events_arrive_per_iteration_before_the_result(start_server):
-    srv = start_server()
+def test_stream_events_arrive_per_iteration_before_the_result(start_server, engine):
+    srv = start_server(engine=engine)
     arrivals = []
     with httpx.stream("POST", srv.url + "/v1/tokenize?stream=true", timeout=60,
                       files={"file": ("a.png", PHOTOS[2].read_bytes(), "image/png")}, data={"max_l1": "0.0001"}) as r:

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import queue
-import subprocess
-import time
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURE, free_port
+from conftest import FIXTURE
 
 tritonclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient is part of the test extras")
-from service.tritonserver import TritonPorts, start  # noqa: E402
-
 PHOTOS = sorted((FIXTURE / "images").rglob("*.*"))
 TARGETS = [{"MAX_L1": 0.8775}, {"TOKENS": 96}, {"MIN_PSNR": 3.0}, {"MAX_L1": 0.3, "MAX_TOKENS": 128},
            {"TOKENS": 256}, {"MAX_L1": 0.0001}, {}, {"MIN_PSNR": 2.0, "MAX_TOKENS": 64}]
@@ -27,34 +21,8 @@ DTYPES = {"MAX_L1": ("FP32", np.float32), "MIN_PSNR": ("FP32", np.float32), "TOK
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory):
-    ports = TritonPorts(free_port(), free_port(), free_port())
-    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    env_backup = dict(os.environ)
-    os.environ.update({"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
-                       "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")})
-    try:
-        with open(log, "w") as out:
-            proc = start(tmp_path_factory.mktemp("runtime"), ports, stdout=out, stderr=subprocess.STDOUT)
-    finally:
-        os.environ.clear()
-        os.environ.update(env_backup)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tritonserver exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{ports.http}/v2/models/alit/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        raise TimeoutError(log.read_text()[-3000:])
-    yield ports
-    proc.terminate()
-    proc.wait(timeout=60)
+def triton(triton_ports):
+    return triton_ports
 
 
 def _inputs(image: bytes | None, target: dict, pixels: np.ndarray | None = None):

@@ -49,7 +49,7 @@ class ServiceState:
 
     @property
     def busy(self) -> bool:
-        return self.inflight > 0 or len(self.engine.queue) > 0 or any(w.scheduler.active for w in self.engine.workers)
+        return self.inflight > 0 or self.engine.busy
 
 
 def build_state(settings: Settings) -> ServiceState:
@@ -62,10 +62,17 @@ def build_state(settings: Settings) -> ServiceState:
     model_ref = {"id": preset_name_of(cfg) or "custom", "fingerprint": loaded.fingerprint}
     metrics.model_info.info({"id": model_ref["id"], "fingerprint": loaded.fingerprint, "source": loaded.source,
                              "image_size": str(cfg.img_size), "max_tokens": str(cfg.max_tokens)})
-    engine = Engine(loaded, EngineSettings(
+    engine_settings = EngineSettings(
         devices=settings.devices, max_batch=settings.max_batch, max_queue=settings.max_queue,
         batch_mode=settings.batch_mode, halting=settings.halting, dtype=settings.dtype, warmup=settings.warmup,
-    ), observer=metrics).start()
+    )
+    if settings.engine == "triton":  # Triton tokenizes; this process keeps cache, auth, limits, /reconstruct
+        from ..engine.remote import TritonEngine
+
+        engine_settings.devices, engine_settings.warmup = "cpu", False
+        engine = TritonEngine(loaded, settings.triton_url, local=engine_settings).start()
+    else:
+        engine = Engine(loaded, engine_settings, observer=metrics).start()
     metrics.devices = [w.device for w in engine.workers]
     cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
                        max_entries=settings.cache_max_entries)

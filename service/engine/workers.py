@@ -195,7 +195,7 @@ class Engine:
         self.accepting = False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if len(self.queue) == 0 and all(not w.scheduler.active for w in self.workers):
+            if not self.busy:
                 return True
             await asyncio.sleep(0.02)
         return False
@@ -211,6 +211,10 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self.accepting and bool(self.workers) and all(w.healthy for w in self.workers)
+
+    @property
+    def busy(self) -> bool:
+        return len(self.queue) > 0 or any(w.scheduler.active for w in self.workers)
 
     @property
     def pixel_decodes(self) -> int:

@@ -49,7 +49,7 @@ class TritonPythonModel:
         self.size = self.loaded.config.img_size
 
     # ----- request -> job ----------------------------------------------------------------------------
-    def _job(self, request) -> TokenizeJob:
+    def _job(self, request, sender) -> TokenizeJob:
         image = pb_utils.get_input_tensor_by_name(request, "IMAGE")
         pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS")
         if (image is None) == (pixels is None):
@@ -73,7 +73,12 @@ class TritonPythonModel:
                 v = t.as_numpy().reshape(-1)[0].item()
                 spec[field] = v
         target = parse_target(spec, self.engine.limits, self.default_target)
-        return TokenizeJob(image=preprocess(pil, self.size), target=target)
+        every = pb_utils.get_input_tensor_by_name(request, "ALL_ITERATIONS")
+        job = TokenizeJob(image=preprocess(pil, self.size), target=target)
+        if every is not None and bool(every.as_numpy().reshape(-1)[0]):
+            job.progress = lambda rec: sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(
+                rec.token_ids, rec.iteration, rec.l1, rec.psnr, False, final=False)))
+        return job
 
     # ----- responses ------------------------------------------------------------------------------------
     @staticmethod
@@ -89,17 +94,23 @@ class TritonPythonModel:
         if exc is not None:
             return self._error(sender, f"{type(exc).__name__}: {exc}")
         r = future.result()
-        nan = float("nan")
-        outputs = [
-            pb_utils.Tensor("TOKEN_IDS", r.token_ids.astype(np.int32)[None, :]),
-            pb_utils.Tensor("NUM_TOKENS", np.array([[r.num_tokens]], np.int32)),
-            pb_utils.Tensor("ITERATIONS", np.array([[r.iterations]], np.int32)),
-            pb_utils.Tensor("L1", np.array([[nan if r.l1 is None else r.l1]], np.float32)),
-            pb_utils.Tensor("PSNR", np.array([[nan if r.psnr is None else r.psnr]], np.float32)),
-            pb_utils.Tensor("TARGET_MET", np.array([[r.target_met]], bool)),
-        ]
+        outputs = self._outputs(r.token_ids, r.iterations, r.l1, r.psnr, r.target_met, final=True)
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    @staticmethod
+    def _outputs(token_ids, iterations, l1, psnr, target_met, final: bool) -> list:
+        """ITERATIONS: iterations run (final) or the iteration reported (per-iteration responses)."""
+        nan = float("nan")
+        return [
+            pb_utils.Tensor("TOKEN_IDS", token_ids.astype(np.int32)[None, :]),
+            pb_utils.Tensor("NUM_TOKENS", np.array([[token_ids.shape[0]]], np.int32)),
+            pb_utils.Tensor("ITERATIONS", np.array([[iterations]], np.int32)),
+            pb_utils.Tensor("L1", np.array([[nan if l1 is None else l1]], np.float32)),
+            pb_utils.Tensor("PSNR", np.array([[nan if psnr is None else psnr]], np.float32)),
+            pb_utils.Tensor("TARGET_MET", np.array([[target_met]], bool)),
+            pb_utils.Tensor("IS_FINAL", np.array([[final]], bool)),
+        ]
 
     def execute(self, requests):
         """Hand every request's image to the engine and return; responses follow as images halt."""
@@ -107,7 +118,7 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                job = self._job(request)
+                job = self._job(request, sender)
             except (ImageError, TargetError, ValueError) as e:
                 self._error(sender, f"invalid request: {e}")
                 continue
