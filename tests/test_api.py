@@ -308,7 +308,7 @@ def test_readme_curl_examples_work(start_server, tmp_path):
     import subprocess
 
     readme = (ROOT / "README.md").read_text()
-    api = readme[readme.index("## API"):readme.index("## Loading a published checkpoint")]
+    api = readme[readme.index("## API"):readme.index("## Deployment")]
     blocks = re.findall(r"```bash\n(.*?)```", api, re.S)
     commands = [b.strip() for b in blocks if "curl" in b]
     assert len(commands) >= 4
