@@ -36,6 +36,7 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_side: int = 20_000
+    max_aspect: float = 32.0  # beyond it the resized long side explodes (1x20000 -> 64x1280000)
 
 
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
@@ -65,6 +66,8 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     if w * h > limits.max_pixels or max(w, h) > limits.max_side:
         raise ImageError(413, "image_too_large",
                          f"image is {w}x{h}; the limits are {limits.max_pixels} pixels and {limits.max_side} per side")
+    if max(w, h) / min(w, h) > limits.max_aspect:
+        raise ImageError(422, "invalid_image", f"image is {w}x{h}: aspect ratio beyond {limits.max_aspect:g}:1 is not supported")
     try:
         img.seek(0)  # first frame of an animation
         img.load()

@@ -74,6 +74,9 @@ def build_state(settings: Settings) -> ServiceState:
     else:
         engine = Engine(loaded, engine_settings, observer=metrics).start()
     metrics.devices = [w.device for w in engine.workers]
+    if settings.fault_injection:
+        for w in engine.workers:
+            w.scheduler.fault_hook = _inject_fault
     cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
                        max_entries=settings.cache_max_entries)
     cache.on_error = metrics.cache_errors.inc
@@ -81,6 +84,12 @@ def build_state(settings: Settings) -> ServiceState:
     halting_tag = f"halting=on:thr={cfg.halting_threshold}" if settings.halting else "halting=off"
     pipeline = TokenizePipeline(engine, cache, halting_tag, observer=metrics)
     return ServiceState(settings, engine, cache, pipeline, Target(max_l1=settings.default_max_l1), model_ref, metrics)
+
+
+def _inject_fault(jobs) -> None:
+    """ALIT_FAULT_INJECTION (tests only): a step holding a job tagged "fault" raises."""
+    if any(j.tag == "fault" for j in jobs):
+        raise RuntimeError("injected fault (X-Alit-Fault: step)")
 
 
 class BodyTooLarge(StarletteHTTPException):

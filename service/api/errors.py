@@ -74,6 +74,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": a client mistake like any other
+            return JSONResponse(error_body("invalid_request", f"the request body cannot be parsed: {exc.detail}"),
+                                status_code=422)
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "body_too_large",
                  415: "unsupported_media_type"}
         return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)),

@@ -36,7 +36,7 @@ class TokenizePipeline:
             self.observer.cache(kind)
 
     async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None,
-                       progress: Callable[[IterationRecord], None] | None = None) -> Outcome:
+                       progress: Callable[[IterationRecord], None] | None = None, tag: str | None = None) -> Outcome:
         key = cache_key(image, self.fingerprint, self.halting_tag)
         limits = self.engine.limits
         stored = await self.cache.get(key)
@@ -52,15 +52,15 @@ class TokenizePipeline:
             stored = await leader  # the leader's trajectory (None if it failed); then look again
             if stored is None or stored.lookup(target, limits) is None:
                 # the leader's run cannot answer this target: compute it without single-flight
-                return await self._compute(key, image, target, deadline, progress, lead=False)
-        return await self._compute(key, image, target, deadline, progress, lead=True)
+                return await self._compute(key, image, target, deadline, progress, tag, lead=False)
+        return await self._compute(key, image, target, deadline, progress, tag, lead=True)
 
-    async def _compute(self, key, image, target, deadline, progress, lead: bool) -> Outcome:
+    async def _compute(self, key, image, target, deadline, progress, tag, lead: bool) -> Outcome:
         self.cache.stats.misses += 1
         self._event("miss")
         trajectory = None
         try:
-            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress)
+            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress, tag=tag)
             trajectory = Trajectory().merge(r.trajectory)
             await self.cache.merge(key, r.trajectory)
         finally:

@@ -9,7 +9,6 @@ import json
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -113,8 +112,10 @@ async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], b
     if ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=16)
-        except StarletteHTTPException:
-            raise
+        except StarletteHTTPException as e:
+            if e.status_code == 413:
+                raise
+            raise ApiError(422, "invalid_request", f"malformed multipart body: {e.detail}") from None
         except Exception as e:
             raise ApiError(422, "invalid_request", f"malformed multipart body: {e}") from None
         upload = form.get("file")
@@ -206,12 +207,13 @@ async def tokenize(request: Request):
     deadline = _deadline(request)
     items, include_rec, all_iters, stream = await _parse_tokenize(request)
     prepared = await asyncio.to_thread(_prepare_images, svc, items)
+    tag = "fault" if svc.settings.fault_injection and request.headers.get("x-alit-fault") == "step" else None
     if stream:
         return StreamingResponse(_stream(svc, prepared, include_rec, all_iters, started, deadline),
                                  media_type="application/x-ndjson")
 
     async def one(img, target):
-        out = await svc.pipeline.tokenize(img, target, deadline)
+        out = await svc.pipeline.tokenize(img, target, deadline, tag=tag)
         return await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
 
     results = await asyncio.gather(*(one(img, t) for img, t in prepared), return_exceptions=True)
@@ -268,7 +270,7 @@ async def reconstruct(body: ReconstructJSON, request: Request):
     if len(seqs) > svc.settings.max_batch_images:
         raise ApiError(413, "too_many_images", f"token_ids: {len(seqs)} sequences; the limit per request is "
                        f"{svc.settings.max_batch_images}", {"field": "token_ids"})
-    pixels = await svc.engine.reconstruct([np.asarray(s, dtype=np.int64) for s in seqs], deadline=deadline)
+    pixels = await svc.engine.reconstruct(seqs, deadline=deadline)  # validated there (range, length)
     pngs = await asyncio.to_thread(lambda: [to_png(p) for p in pixels])
     if single and "image/png" in request.headers.get("accept", ""):
         return Response(pngs[0], media_type="image/png")

@@ -129,8 +129,10 @@ def check_token_ids(ids: Any, codebook_size: int, limits: ModelLimits):
 
     try:
         arr = np.asarray(ids)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise TargetError("token_ids", "must be a flat list of integers") from None
+    if arr.ndim == 1 and arr.dtype.kind == "O" and all(isinstance(v, int) and not isinstance(v, bool) for v in arr):
+        raise TargetError("token_ids", f"ids must be in [0, {codebook_size - 1}] (got integers beyond 64 bits)")
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise TargetError("token_ids", "must be a flat list of integers")
     n, t = arr.shape[0], limits.tokens_per_iter
