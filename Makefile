@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps serve test verify bench triton clean
+.PHONY: setup system-deps serve test verify bench triton loadtest reliability clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ test: setup system-deps
 # A local Triton Inference Server on model_repository/ (HTTP 8010, gRPC 8011, metrics 8012).
 triton: setup
 	$(VENV)/bin/alit-serve triton
+
+# Locust load steps against a local service (+ its own Redis); report in docs/loadtest/.
+loadtest: setup
+	$(PIP) install -q -e ".[test,loadtest]"
+	$(PY) loadtest/run_load.py --users 2 4 8 16 --seconds 30 --out docs/loadtest
+
+# The long fault scenarios (Redis kill, 3x overload, SIGTERM under load, failing steps).
+reliability: setup
+	$(PY) loadtest/faults.py --seconds 60 --json docs/reliability.json
 
 bench: setup
 	$(PIP) install -q -e ".[test,bench]"

@@ -29,37 +29,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtest"))
 
+import corpus  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.engine import Engine, EngineSettings, Target  # noqa: E402
 from service.imaging import preprocess  # noqa: E402
 from service.model.alit import quality  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
 
-PHOTOS = ROOT / "tests" / "fixtures" / "alit-reference" / "images"
 STRATEGIES = ("reference", "lockstep", "continuous")
 
 
 def build_corpus(size: int, n_crops: int, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
-    rng = random.Random(seed)
-    photos = [(p.name, Image.open(p).convert("RGB")) for p in sorted(PHOTOS.rglob("*")) if p.is_file()]
-    out = [(name, preprocess(img, size)) for name, img in photos]
-    for i in range(n_crops):
-        name, img = photos[i % len(photos)]
-        w, h = img.size
-        s = int(min(w, h) * rng.uniform(0.25, 0.8))
-        x, y = rng.randint(0, w - s), rng.randint(0, h - s)
-        out.append((f"{name}@crop{i}", preprocess(img.crop((x, y, x + s, y + s)), size)))
-    g = torch.Generator().manual_seed(seed)
-    for c in [(0.2, 0.4, 0.8), (0.9, 0.9, 0.85), (0.1, 0.1, 0.1)]:
-        out.append((f"flat{c}", torch.tensor(c).view(3, 1, 1).expand(3, size, size).clone()))
-    for sigma in (0.1, 0.3):
-        out.append((f"noise{sigma}", (0.5 + sigma * torch.randn(3, size, size, generator=g)).clamp(0, 1)))
-    return out
+    return [(name, preprocess(img, size)) for name, img in corpus.corpus(n_crops, seed)]
 
 
 def calibrate_targets(model, corpus) -> list[Target]:

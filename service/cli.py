@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(func=_reconstruct)
 
     sub.add_parser("triton", help="run a local tritonserver (nvidia-pytriton wheel) on model_repository/")
+    sub.add_parser("loadtest", help="Locust load steps against a local service or --url; writes a report")
 
     c = sub.add_parser("convert", help="published .pth -> model.safetensors + config.json + MODEL_CARD.md")
     c.add_argument("src")
@@ -133,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         from .tritonserver import main as triton_main
 
         return triton_main(argv[1:])
+    if argv[:1] == ["loadtest"]:  # loadtest/run_load.py, from a source checkout
+        script = Path(__file__).resolve().parents[1] / "loadtest" / "run_load.py"
+        if not script.is_file():
+            print("error: `alit-serve loadtest` runs from a source checkout (loadtest/run_load.py)", file=sys.stderr)
+            return 2
+        import runpy
+
+        sys.argv = [str(script), *argv[1:]]
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
     args = p.parse_args(argv)
     return args.func(args)
 
