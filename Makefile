@@ -23,13 +23,18 @@ setup: $(STAMP)
 serve: setup
 	$(VENV)/bin/alit-serve serve
 
-# Debian packages the tests run for real: Prometheus (dashboard test) and docker-compose (compose
-# validation). Installed when missing and possible (root + apt-get); otherwise those tests skip loudly.
+# What the tests run for real besides Python: Debian's prometheus (dashboard test), docker-compose
+# (compose validation) and chromium (demo page), and playwright-core from npm (drives chromium; no
+# browser download). Installed when missing and possible (root + apt-get, npm); else those tests skip loudly.
 system-deps:
-	@if command -v prometheus >/dev/null && command -v docker-compose >/dev/null; then :; \
+	@need=""; \
+	for tool in prometheus docker-compose chromium; do command -v $$tool >/dev/null || need="$$need $$tool"; done; \
+	if [ -z "$$need" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose; \
-	else echo "WARNING: prometheus/docker-compose missing and not installable here: their tests will be SKIPPED"; fi
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need; \
+	else echo "WARNING: missing$$need and not installable here: their tests will be SKIPPED"; fi
+	@if command -v npm >/dev/null && [ ! -d tests/e2e/node_modules/playwright-core ]; then \
+	  cd tests/e2e && npm ci --no-audit --no-fund; fi
 
 test: setup system-deps
 	$(PY) -m pytest -q

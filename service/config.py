@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated API keys; empty = no authentication.")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty = CORS off.")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, time given to in-flight and queued requests.")
+    demo_page: bool = Field(True, description="Serve the demo page at `/`.")
     fault_injection: bool = Field(False, description="Tests only: a request with `X-Alit-Fault: step` makes its inference step raise.")
     host: str = Field("127.0.0.1", description="Address `alit-serve serve` binds.")
     port: int = Field(8000, description="Port `alit-serve serve` binds.")

@@ -182,6 +182,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_keys = [k.encode() for k in settings.key_list()]
     errors.install(app)
     app.include_router(router)
+    if settings.demo_page:
+        from .demo import router as demo_router
+
+        app.include_router(demo_router)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
