@@ -118,7 +118,7 @@ def cases() -> list[Case]:
     jpeg = _save(_img(), "JPEG")
     webp = _save(_img(), "WEBP")
     gif = _save(_img("P"), "GIF")
-    ok, tok = "/v1/tokenize", "/v1/tokenize"
+    tok = "/v1/tokenize"
 
     def mp(name, data: bytes, status, code, fields=None, filename="img.png", ctype="image/png"):
         return Case(name, tok, status, code, files={"file": (filename, data, ctype)}, data=fields or {})

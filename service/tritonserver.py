@@ -59,7 +59,7 @@ class TritonPorts:
     metrics: int = 8012
 
 
-def command(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY) -> tuple[list[str], dict]:
+def command(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, exit_timeout: int = 30) -> tuple[list[str], dict]:
     _, libs = _pytriton_paths()
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
@@ -68,12 +68,13 @@ def command(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY) ->
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     cmd = [str(runtime / "bin" / "tritonserver"), f"--model-repository={repository}",
            f"--backend-directory={runtime / 'backends'}", f"--http-port={ports.http}", f"--grpc-port={ports.grpc}",
-           f"--metrics-port={ports.metrics}", "--log-verbose=0", "--exit-timeout-secs=30"]
+           f"--metrics-port={ports.metrics}", "--log-verbose=0", f"--exit-timeout-secs={exit_timeout}"]
     return cmd, env
 
 
-def start(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, **popen) -> subprocess.Popen:
-    cmd, env = command(prepare_runtime(runtime), ports, repository)
+def start(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, exit_timeout: int = 30,
+          **popen) -> subprocess.Popen:
+    cmd, env = command(prepare_runtime(runtime), ports, repository, exit_timeout)
     return subprocess.Popen(cmd, env=env, **popen)
 
 

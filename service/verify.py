@@ -162,6 +162,7 @@ def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", bat
             tag = path.stem.replace("expected_", "")
             for k, (steps, logits, _, l1) in enumerate(run_iterations(model, images, halting=True, threshold=float(h["threshold"]), draws=draws)):
                 rep.discrete(f"{tag}/latent_ids_iter{k}", torch.stack([s.token_ids for s in steps]), h[f"latent_ids_iter{k}"])
+                rep.discrete(f"{tag}/logits_argmax_iter{k}", logits.argmax(-1), h[f"logits_argmax_iter{k}"])
                 rep.discrete(f"{tag}/drop_mask_iter{k}", torch.stack([s.drop_mask for s in steps]).int(), h[f"drop_mask_iter{k}"].astype(int))
                 rep.continuous(f"{tag}/pred_gt_prob_iter{k}", torch.stack([s.pred_gt_prob for s in steps]), h[f"pred_gt_prob_iter{k}"])
                 rep.continuous(f"{tag}/l1_iter{k}", l1, h[f"l1_iter{k}"], "l1")

@@ -196,7 +196,7 @@ def triton_ports(tmp_path_factory):
                        "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")})
     try:
         with open(log, "w") as out:
-            proc = start(tmp_path_factory.mktemp("runtime"), ports, stdout=out, stderr=subprocess.STDOUT)
+            proc = start(tmp_path_factory.mktemp("runtime"), ports, exit_timeout=3, stdout=out, stderr=subprocess.STDOUT)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -215,7 +215,11 @@ def triton_ports(tmp_path_factory):
         time.sleep(0.3)
     yield ports
     proc.terminate()
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(params=["local", "triton"])

@@ -89,7 +89,7 @@ def test_redis_down_then_back(start_server, own_redis):
     assert all(tokenize(srv.url, d, tokens=64).json()["results"][0]["cached"] for d in images)
 
     own_redis.stop()
-    for i, d in enumerate(images + [noise_png(1)]):
+    for d in images + [noise_png(1)]:
         r = tokenize(srv.url, d, tokens=128)
         assert r.status_code == 200, r.text
         assert r.json()["results"][0]["cached"] is False  # bypassed: computed, not lost

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from service.model.alit import quality, reference_stop_iteration
-from service.verify import NEAR_TIE, verify
+from service.verify import verify
 
 
 def test_state_dict_names_and_shapes_match_the_reference(ref_model, fixture_dir):

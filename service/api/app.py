@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
@@ -40,7 +40,6 @@ class ServiceState:
     draining: bool = False
     drain_started: float = float("inf")
     inflight: int = 0
-    extras: dict = field(default_factory=dict)
 
     def start_draining(self) -> None:
         if not self.draining:

@@ -313,7 +313,7 @@ class ALIT(nn.Module):
         outs: list[StepOutput] = []
         with timer("encoder"):
             hs = run_blocks(self.encoder.transformer, [s.x for s in states], self.batch_mode)
-            for s, h in zip(states, hs):
+            for h in hs:
                 raw = h[g1:]
                 prequant = self.pre_quantizer_mlp(self.encoder_ln_post(raw))
                 o = StepOutput(token_ids=self.quantize(prequant))
