@@ -91,7 +91,7 @@ def test_three_times_overload_sheds_with_503_and_recovers(start_server):
     assert calm and set(calm) == {200}
 
 
-def test_schemathesis_finds_no_server_error_and_responses_conform(start_server):
+def test_schemathesis_finds_no_server_error_and_responses_conform(start_server, tmp_path):
     import shutil
     import subprocess
 
@@ -101,6 +101,6 @@ def test_schemathesis_finds_no_server_error_and_responses_conform(start_server):
     out = subprocess.run(
         [st, "run", srv.url + "/openapi.json", "--max-examples", "25", "--seed", "7", "--phases", "examples,fuzzing",
          "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its report folder goes there
     assert out.returncode == 0, out.stdout[-4000:]
     assert "Traceback" not in srv.log.read_text()
