@@ -320,3 +320,46 @@ def test_readme_curl_examples_work(start_server, tmp_path):
         assert out.returncode == 0, (cmd, out.stderr)
         assert '"error"' not in out.stdout, (cmd, out.stdout[:300])
     assert Image.open(tmp_path / "recon.png").size == (64, 64)
+
+
+def test_python_client_and_cli(start_server, tmp_path):
+    import subprocess
+    import sys
+
+    from service.client import AlitError, AsyncClient, Client
+
+    srv = start_server()
+    with Client(srv.url) as c:
+        r = c.tokenize(PHOTOS[0], tokens=64, all_iterations=True)
+        assert r["num_tokens"] == 64 and len(r["all_iterations"]) == 2
+        png = c.reconstruct(r["token_ids"])
+        assert Image.open(io.BytesIO(png)).size == (64, 64)
+        events = list(c.tokenize_stream(PHOTOS[1], max_l1=0.0001, max_tokens=96))
+        assert [e["event"] for e in events] == ["iteration"] * 3 + ["result"]
+        try:
+            c.tokenize(PHOTOS[0], tokens=33)
+            raise AssertionError("expected an error")
+        except AlitError as e:
+            assert e.status == 422 and e.code == "invalid_target"
+        assert c.models()["data"][0]["max_tokens"] == 256
+
+    async def go():
+        async with AsyncClient(srv.url) as c:
+            return await asyncio.gather(*[c.tokenize(p.read_bytes(), tokens=32) for p in PHOTOS[:3]])
+
+    assert [x["num_tokens"] for x in asyncio.run(go())] == [32, 32, 32]
+
+    cli = [sys.executable, "-m", "service.cli"]
+    out = subprocess.run([*cli, "tokenize", str(PHOTOS[2]), "--url", srv.url, "--tokens", "96"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    ids = json.loads(out.stdout)["token_ids"]
+    assert len(ids) == 96
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    out = subprocess.run([*cli, "reconstruct", str(tmp_path / "ids.json"), "--url", srv.url, "-o", str(tmp_path / "r.png")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "r.png").size == (64, 64)
+    bad = subprocess.run([*cli, "tokenize", str(PHOTOS[2]), "--url", srv.url, "--tokens", "33"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert bad.returncode == 1 and "invalid_target" in bad.stderr
