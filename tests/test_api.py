@@ -363,3 +363,22 @@ def test_python_client_and_cli(start_server, tmp_path):
     bad = subprocess.run([*cli, "tokenize", str(PHOTOS[2]), "--url", srv.url, "--tokens", "33"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 1 and "invalid_target" in bad.stderr
+
+
+def test_a_client_that_goes_away_frees_its_slot(start_server):
+    srv = start_server(max_batch=1)
+    before = srv.metric("alit_rejected_total", reason="cancelled")
+    body = {"images": [{"image": b64(noise_png(s)), "target": {"max_l1": 0.0001}} for s in range(16)]}
+    t0 = time.monotonic()
+    try:  # 16 long images one at a time (several seconds); the client gives up after 0.5 s
+        httpx.post(srv.url + "/v1/tokenize", json=body, timeout=0.5)
+    except httpx.TimeoutException:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and srv.metric("alit_active_images") + srv.metric("alit_queue_depth") > 0:
+        time.sleep(0.05)
+    freed_after = time.monotonic() - t0
+    assert srv.metric("alit_rejected_total", reason="cancelled") - before >= 8  # most never computed
+    r = tokenize(srv.url, PHOTOS[5].read_bytes(), tokens=32)  # the slot serves the next request
+    assert r.status_code == 200
+    assert freed_after < 5, freed_after

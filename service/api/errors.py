@@ -48,6 +48,8 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(504, "deadline_exceeded", str(exc))
     if isinstance(exc, StepFailed):
         return ApiError(500, "inference_failed", str(exc))
+    if type(exc).__name__ == "ClientGone":  # nobody reads this answer; 499 as nginx logs it
+        return ApiError(499, "client_closed_request", "the client closed the connection")
     log.exception("unhandled error", exc_info=exc)
     return ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); this is a bug")
 

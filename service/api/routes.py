@@ -216,11 +216,33 @@ async def tokenize(request: Request):
         out = await svc.pipeline.tokenize(img, target, deadline, tag=tag)
         return await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
 
-    results = await asyncio.gather(*(one(img, t) for img, t in prepared), return_exceptions=True)
+    results = await _unless_disconnected(request, asyncio.gather(*(one(img, t) for img, t in prepared),
+                                                                  return_exceptions=True))
     for r in results:  # the first failure decides the response; the rest finished or were cancelled
         if isinstance(r, BaseException):
             raise r
     return JSONResponse({"model": svc.model_ref, "results": results})
+
+
+class ClientGone(Exception):
+    """The client closed the connection; its images were cancelled and left the engine."""
+
+
+async def _unless_disconnected(request: Request, awaitable, poll_s: float = 0.25):
+    """Await `awaitable`, cancelling it when the client goes away, so its images free their slots
+    at the next engine step instead of computing for nobody."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def _stream(svc, prepared, include_rec, all_iters, started, deadline):

@@ -188,7 +188,8 @@ class Scheduler:
         tok_new = [j for j in new_jobs if isinstance(j, TokenizeJob)]
         rec_new = [j for j in new_jobs if isinstance(j, ReconstructJob)]
         in_step: list[Job] = [*self.active, *new_jobs]
-        if not in_step:
+        if not in_step:  # everything left was cancelled or expired
+            self.observer.active(self.device, 0)
             return
         try:
             with torch.inference_mode(), self._precision():
