@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps serve test verify bench triton loadtest reliability clean
+.PHONY: setup system-deps serve test verify bench triton loadtest reliability train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ loadtest: setup
 # The long fault scenarios (Redis kill, 3x overload, SIGTERM under load, failing steps).
 reliability: setup
 	$(PY) loadtest/faults.py --seconds 60 --json docs/reliability.json
+
+# Retrain the shipped default model (weights/); see docs/training.md for the recipe and wall time.
+train: setup
+	$(PIP) install -q scikit-image scikit-learn
+	OMP_NUM_THREADS=1 $(PY) -m service.training train --run runs/default --export weights
 
 bench: setup
 	$(PIP) install -q -e ".[test,bench]"

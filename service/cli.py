@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("triton", help="run a local tritonserver (nvidia-pytriton wheel) on model_repository/")
     sub.add_parser("loadtest", help="Locust load steps against a local service or --url; writes a report")
+    sub.add_parser("train", help="train the default model (stage 1 VQGAN, stage 2 latent distillation, ...)")
+    sub.add_parser("evaluate", help="per-iteration L1/PSNR on a folder of images, and a picture")
 
     c = sub.add_parser("convert", help="published .pth -> model.safetensors + config.json + MODEL_CARD.md")
     c.add_argument("src")
@@ -134,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from .tritonserver import main as triton_main
 
         return triton_main(argv[1:])
+    if argv[:1] in (["train"], ["evaluate"]):  # the training package parses its own options
+        from .training.cli import main as training_main
+
+        return training_main(argv)
     if argv[:1] == ["loadtest"]:  # loadtest/run_load.py, from a source checkout
         script = Path(__file__).resolve().parents[1] / "loadtest" / "run_load.py"
         if not script.is_file():

@@ -8,14 +8,19 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL = "preset:test_tiny"
+from pathlib import Path
+
+# The trained default model shipped in weights/ (see weights/MODEL_CARD.md); a random-weight preset
+# where it is absent (an installed package without the source tree).
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_MODEL = str(SHIPPED_WEIGHTS) if (SHIPPED_WEIGHTS / "model.safetensors").is_file() else "preset:test_tiny"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIT_", extra="ignore")
 
     # model
-    model: str = Field(DEFAULT_MODEL, description="Weights: a .pth/.safetensors file, a directory holding one, or `preset:NAME[:seedN]`.")
+    model: str = Field(DEFAULT_MODEL, description="Weights: a .pth/.safetensors file, a directory holding one, or `preset:NAME[:seedN]`; default: the shipped `weights/`.")
     heads: int | None = Field(None, description="Attention heads when they cannot be inferred from the weights.")
     # engine
     engine: str = Field("local", pattern="^(local|triton)$", description="`local`: in-process workers; `triton`: forward tokenization to Triton.")

@@ -21,8 +21,11 @@ def test_serve_answers_healthz_readyz_and_models():
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["status"] == "ready"
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
-        assert models[0]["id"] == "test_tiny" and models[0]["max_tokens"] == 256
-        assert len(models[0]["fingerprint"]) == 64
+        from service.config import DEFAULT_MODEL
+
+        shipped = not DEFAULT_MODEL.startswith("preset:")
+        assert models[0]["id"] == ("alit-serve-default" if shipped else "test_tiny")
+        assert models[0]["max_tokens"] == 256 and len(models[0]["fingerprint"]) == 64
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cache import make_cache
-from ..config import Settings
+from ..config import SHIPPED_WEIGHTS, Settings
 from ..metrics import Metrics
 from ..engine import Engine, EngineSettings, Target
 from ..model.presets import preset_name_of
@@ -51,6 +52,16 @@ class ServiceState:
         return self.inflight > 0 or self.engine.busy
 
 
+def model_id(loaded) -> str:
+    """A readable name: the shipped default, a preset's name, or the weights' file/folder name."""
+    source = Path(loaded.source)
+    if source.parent == SHIPPED_WEIGHTS:
+        return "alit-serve-default"
+    if loaded.source.startswith("preset:") or preset_name_of(loaded.config):
+        return preset_name_of(loaded.config) or loaded.source.split(":")[1]
+    return source.parent.name if source.name == "model.safetensors" else source.stem
+
+
 def build_state(settings: Settings) -> ServiceState:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -58,7 +69,7 @@ def build_state(settings: Settings) -> ServiceState:
     cfg = loaded.config
     metrics = Metrics(max_iters=cfg.max_iters, max_batch=settings.max_batch, max_tokens=cfg.max_tokens,
                       tokens_per_iter=cfg.tokens_per_iter)
-    model_ref = {"id": preset_name_of(cfg) or "custom", "fingerprint": loaded.fingerprint}
+    model_ref = {"id": model_id(loaded), "fingerprint": loaded.fingerprint}
     metrics.model_info.info({"id": model_ref["id"], "fingerprint": loaded.fingerprint, "source": loaded.source,
                              "image_size": str(cfg.img_size), "max_tokens": str(cfg.max_tokens)})
     engine_settings = EngineSettings(

@@ -1,0 +1,90 @@
+"""Shared training plumbing: seeding, thread limits, LR schedule, atomic resumable checkpoints, logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def setup_threads(threads: int | None) -> None:
+    if threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+
+
+def seed_all(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.1) -> float:
+    """Linear warm-up to `peak`, then cosine down to `final_frac * peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def save_state(path: Path, **state) -> None:
+    """Atomic torch.save of a dict of tensors / plain values (weights_only-loadable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+
+
+def restore_rng(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+
+
+class Log:
+    """Appends one JSON object per line to `path`, and prints a one-line progress bar."""
+
+    def __init__(self, path: Path, total: int, label: str, start: int = 0, quiet: bool = False):
+        self.path, self.total, self.label, self.quiet = Path(path), total, label, quiet
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.t0, self.start = time.time(), start
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def progress(self, step: int, msg: str) -> None:
+        if self.quiet:
+            return
+        done = (step - self.start) / max(1, self.total - self.start)
+        el = time.time() - self.t0
+        eta = el / max(done, 1e-9) * (1 - done) if done > 0 else float("nan")
+        bar = "#" * int(20 * step / max(1, self.total))
+        print(f"[{self.label}] {step:6d}/{self.total} [{bar:<20s}] {el/60:5.1f}m eta {eta/60:5.1f}m {msg}",
+              file=sys.stderr, flush=True)

@@ -1,0 +1,216 @@
+"""Training and evaluation images: only pictures that arrive with installed packages, no downloads.
+
+Training pool: random crops (random scale, position, flips, grey-image tints) of the sample images
+bundled with scikit-image and scikit-learn, plus a few synthetic flat and gradient images, resized
+to the model size with PIL bicubic. Everything is drawn from one seeded numpy generator, so a seed
+gives the same pool on every machine.
+
+Held-out evaluation: the 7 photos of `tests/fixtures/alit-reference/images/` (never trained on),
+preprocessed like the reference (shorter side to the model size, bicubic, centre crop, [0, 1]),
+and deterministic crops of them chosen to span flat regions to dense texture (PNG size).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+HELDOUT_DIR = ROOT / "tests" / "fixtures" / "alit-reference" / "images"
+
+# (package, file, licence) of every training source. Licences as documented by the packages.
+SOURCES: list[tuple[str, str, str]] = [
+    ("skimage", "astronaut.png", "public domain (NASA)"),
+    ("skimage", "chelsea.png", "CC0 (Stefan van der Walt)"),
+    ("skimage", "coffee.png", "CC0 (Rachel Michetti)"),
+    ("skimage", "hubble_deep_field.jpg", "public domain (NASA/ESA)"),
+    ("skimage", "ihc.png", "public domain (Wikimedia)"),
+    ("skimage", "motorcycle_left.png", "Middlebury stereo dataset, free for research use"),
+    ("skimage", "motorcycle_right.png", "Middlebury stereo dataset, free for research use"),
+    ("skimage", "retina.jpg", "CC BY 4.0 (Wikimedia, Hÿkon Trivedi)"),
+    ("skimage", "rocket.jpg", "public domain (SpaceX / Wikimedia)"),
+    ("skimage", "color.png", "CC0 (scikit-image)"),
+    ("skimage", "coins.png", "public domain (Walters Art Museum)"),
+    ("skimage", "camera.png", "CC0 (scikit-image)"),
+    ("skimage", "brick.png", "CC0 (scikit-image)"),
+    ("skimage", "grass.png", "CC0 (scikit-image)"),
+    ("skimage", "gravel.png", "CC0 (scikit-image)"),
+    ("skimage", "moon.png", "public domain (NASA)"),
+    ("skimage", "page.png", "CC0 (scikit-image)"),
+    ("skimage", "text.png", "CC0 (scikit-image)"),
+    ("skimage", "cell.png", "CC0 (scikit-image)"),
+    ("skimage", "clock_motion.png", "CC0 (scikit-image)"),
+    ("skimage", "horse.png", "public domain (openclipart)"),
+    ("skimage", "logo.png", "CC0 (scikit-image logo)"),
+    ("skimage", "phantom.png", "public domain (Shepp-Logan phantom)"),
+    ("skimage", "chessboard_RGB.png", "CC0 (scikit-image)"),
+    ("sklearn", "china.jpg", "CC BY 2.0 (Flickr, via scikit-learn)"),
+    ("sklearn", "flower.jpg", "CC BY 2.0 (Flickr, via scikit-learn)"),
+]
+
+
+def source_path(package: str, name: str) -> Path:
+    if package == "skimage":
+        import skimage.data
+
+        return Path(skimage.data.__file__).parent / name
+    if package == "sklearn":
+        import sklearn.datasets
+
+        return Path(sklearn.datasets.__file__).parent / "images" / name
+    raise ValueError(package)
+
+
+def load_sources() -> list[tuple[str, np.ndarray, bool]]:
+    """(name, HxWx3 uint8, was_grey) for every training source."""
+    out = []
+    for pkg, name, _ in SOURCES:
+        im = Image.open(source_path(pkg, name))
+        grey = im.mode in ("L", "LA", "I", "I;16", "1")
+        if im.mode in ("RGBA", "LA"):
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im.convert("RGBA"))
+        out.append((name, np.asarray(im.convert("RGB")), grey))
+    return out
+
+
+def _resize(arr: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
+
+
+def make_pool(n: int, size: int, seed: int, synthetic: float = 0.04) -> np.ndarray:
+    """n training crops (n, size, size, 3) uint8, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    sources = load_sources()
+    areas = np.array([a.shape[0] * a.shape[1] for _, a, _ in sources], dtype=np.float64)
+    weights = np.sqrt(areas)
+    weights /= weights.sum()
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        u = rng.random()
+        if u < synthetic / 2:  # flat colour
+            out[i] = rng.integers(0, 256, size=3, dtype=np.uint8)
+            continue
+        if u < synthetic:  # linear gradient between two colours
+            c0, c1 = rng.random(3), rng.random(3)
+            ang = rng.random() * 2 * np.pi
+            yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+            t = np.clip(0.5 + (np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5)), 0, 1)[..., None]
+            out[i] = np.round(255 * ((1 - t) * c0 + t * c1)).astype(np.uint8)
+            continue
+        k = rng.choice(len(sources), p=weights)
+        _, arr, grey = sources[k]
+        h, w = arr.shape[:2]
+        smax = min(h, w)
+        smin = min(smax, max(size // 2, 24))
+        s = int(round(np.exp(rng.uniform(np.log(smin), np.log(smax)))))
+        y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
+        crop = _resize(np.ascontiguousarray(arr[y : y + s, x : x + s]), size).astype(np.float32)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        if grey and rng.random() < 0.7:  # tint grey sources so they are not all neutral
+            tint = rng.uniform(0.6, 1.0, size=3)
+            crop = crop * tint + rng.uniform(0, 40, size=3) * (1 - crop / 255.0)
+        elif rng.random() < 0.3:  # mild colour jitter
+            crop = crop * rng.uniform(0.8, 1.15, size=3)
+        out[i] = np.clip(np.round(crop), 0, 255).astype(np.uint8)
+    return out
+
+
+def pool_cached(path: Path, n: int, size: int, seed: int) -> np.ndarray:
+    path = Path(path)
+    if path.is_file():
+        arr = np.load(path)
+        if arr.shape == (n, size, size, 3):
+            return arr
+    arr = make_pool(n, size, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, arr)
+    tmp.replace(path)
+    return arr
+
+
+def to_tensor(batch: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# ----- evaluation images ----------------------------------------------------------------------
+
+
+def preprocess(im: Image.Image, size: int) -> np.ndarray:
+    """Reference preprocessing: shorter side to `size` (bicubic), centre crop; HxWx3 uint8."""
+    im = im.convert("RGB")
+    w, h = im.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in exts)
+
+
+def load_folder(folder: str | Path, size: int) -> tuple[list[str], np.ndarray]:
+    files = image_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no images under {folder}")
+    names = [str(p.relative_to(folder)) for p in files]
+    return names, np.stack([preprocess(Image.open(p), size) for p in files])
+
+
+def png_size(arr: np.ndarray) -> int:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=False)
+    return len(buf.getbuffer())
+
+
+@dataclass
+class Crops:
+    names: list[str]
+    images: np.ndarray  # (N, size, size, 3) uint8
+    png_bytes: np.ndarray  # (N,)
+
+
+def heldout_crops(size: int, n: int = 48, folder: str | Path = HELDOUT_DIR) -> Crops:
+    """Deterministic crops of the held-out photos spanning flat to textured content.
+
+    Candidates: for every photo, square crops of side = shorter side x {1, 1/2, 1/4, 1/8} on a
+    3x3 grid of positions, resized to `size`. Sorted by PNG size, `n` are taken at evenly spaced
+    ranks, so the set spans the whole complexity range."""
+    cands: list[tuple[int, str, np.ndarray]] = []
+    for p in image_files(folder):
+        arr = np.asarray(Image.open(p).convert("RGB"))
+        h, w = arr.shape[:2]
+        short = min(h, w)
+        for frac in (1, 2, 4, 8):
+            s = short // frac
+            if s < 16:
+                continue
+            for fy in (0.0, 0.5, 1.0):
+                for fx in (0.0, 0.5, 1.0):
+                    y, x = int(fy * (h - s)), int(fx * (w - s))
+                    crop = _resize(np.ascontiguousarray(arr[y : y + s, x : x + s]), size)
+                    name = f"{p.stem}@{frac}:{fy:.1f},{fx:.1f}"
+                    cands.append((png_size(crop), name, crop))
+    cands.sort(key=lambda c: (c[0], c[1]))
+    idx = np.unique(np.round(np.linspace(0, len(cands) - 1, n)).astype(int))
+    sel = [cands[i] for i in idx]
+    return Crops([c[1] for c in sel], np.stack([c[2] for c in sel]), np.array([c[0] for c in sel]))
+
+
+def flat_and_noise(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A flat single-colour image and a uniform-noise image (HxWx3 uint8)."""
+    flat = np.empty((size, size, 3), dtype=np.uint8)
+    flat[:] = np.array([90, 140, 200], dtype=np.uint8)
+    noise = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    return flat, noise
