@@ -25,9 +25,10 @@ try {
     chosen: document.querySelectorAll(".strip figure.chosen").length,
   }));
 
-  await page.setInputFiles("#file", imagePath);       // upload
+  await page.setInputFiles("#file", imagePath);       // upload (default target: max L1 0.10)
   await done();
   const first = await state();
+  await page.screenshot({ path: screenshot, fullPage: true });
 
   await page.selectOption("#kind", "tokens");          // change the target: a 64-token budget
   await page.$eval("#level", (el) => { el.value = "64"; el.dispatchEvent(new Event("input")); el.dispatchEvent(new Event("change")); });
@@ -39,7 +40,6 @@ try {
   await page.waitForFunction(() => document.querySelector("#curl").textContent.includes("noise.png"), null, { timeout: 60000 });
   await done();
   const third = await state();
-  await page.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify({ first, second, third, external }));
 } finally {
   await browser.close();
