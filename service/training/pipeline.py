@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_stage2_model(vq.state_dict(), recipe.seed)
     model = train_latents(run_dir, model, pool, recipe.s2, seed=recipe.seed, eval_images=eval_images, quiet=quiet)
     timer.add("stage2", time.time() - t)
-    for extra in (recipe.s2b, recipe.s2c, recipe.s2d, recipe.s2e):  # continuation phases, each with its own checkpoint
+    for extra in (recipe.s2b, recipe.s2c, recipe.s2d):  # continuation phases, each with its own checkpoint
         if extra.steps > 0:
             t = time.time()
             model = train_latents(run_dir, model, pool, extra, seed=recipe.seed, eval_images=eval_images, quiet=quiet)

@@ -43,10 +43,6 @@ class Recipe:
     s2d: Stage2Params = field(default_factory=lambda: Stage2Params(
         steps=700, a_steps=0, b_batch=8, lr=5e-4, warmup=20, p_full=1.0, combine="ramp", init=False,
         name="stage2d", eval_every=50))
-    # stage 2e: a last, short low-learning-rate pass
-    s2e: Stage2Params = field(default_factory=lambda: Stage2Params(
-        steps=350, a_steps=0, b_batch=8, lr=3e-4, warmup=20, p_full=1.0, combine="ramp", init=False,
-        name="stage2e", eval_every=50))
     # stage 3: VQGAN-decoder fine-tune on the model's own soft codes (0 = skip)
     s3_steps: int = 300
     s3_batch: int = 8
@@ -66,8 +62,6 @@ def quick_recipe() -> Recipe:
         s2c=Stage2Params(steps=2, a_steps=0, b_batch=2, p_full=1.0, combine="ramp", init=False, name="stage2c",
                          eval_every=2, ckpt_every=2),
         s2d=Stage2Params(steps=2, a_steps=0, b_batch=2, p_full=1.0, combine="ramp", init=False, name="stage2d",
-                         eval_every=2, ckpt_every=2),
-        s2e=Stage2Params(steps=2, a_steps=0, b_batch=2, p_full=1.0, combine="ramp", init=False, name="stage2e",
                          eval_every=2, ckpt_every=2),
         s3_steps=2, s3_batch=2,
     )
