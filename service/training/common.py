@@ -58,6 +58,17 @@ def load_state(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def resume(path: Path, module: torch.nn.Module, opt: torch.optim.Optimizer, key: str = "model") -> tuple[int, dict | None]:
+    """Restore a stage checkpoint into `module` (its weights under `key`) and `opt`, when there is one:
+    (the step to start from, the saved state or None)."""
+    state = load_state(path)
+    if state is None:
+        return 0, None
+    module.load_state_dict(state[key])
+    opt.load_state_dict(state["opt"])
+    return int(state["step"]), state
+
+
 def rng_state(gen: torch.Generator) -> dict:
     return {"torch": torch.get_rng_state(), "gen": gen.get_state()}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from ..model.alit import ALIT
 from ..model.checkpoint import fingerprint, load_model
 from .common import setup_threads
-from .data import HELDOUT_DIR, SOURCES, load_folder, pool_cached, to_tensor
+from .data import HELDOUT_DIR, load_folder, pool_cached, to_tensor
 from .recipe import DEFAULT_CONFIG, Recipe, quick_recipe
 
 

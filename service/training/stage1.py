@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..model.config import VQGANConfig
 from ..model.vqgan import VQGAN
-from .common import Log, load_state, lr_at, save_state, seed_all, set_lr
+from .common import Log, lr_at, resume, save_state, seed_all, set_lr
 from .data import to_tensor
 
 
@@ -67,15 +67,8 @@ def train_vqgan(
     seed_all(seed)
     vq = VQGAN(cfg)
     opt = torch.optim.Adam(vq.parameters(), lr=lr, betas=(0.5, 0.9))
-    start = 0
-    state = load_state(ckpt)
-    if state is not None:
-        vq.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = int(state["step"])
-        usage = state["usage"]
-    else:
-        usage = torch.zeros(cfg.n_embed)
+    start, state = resume(ckpt, vq, opt)
+    usage = state["usage"] if state is not None else torch.zeros(cfg.n_embed)
     log = Log(run_dir / "stage1.log.jsonl", steps, "stage1 vqgan", start, quiet)
     n = len(pool)
     for step in range(start, steps):

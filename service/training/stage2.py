@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model.alit import ALIT
-from .common import Log, load_state, lr_at, save_state, seed_all, set_lr
+from .common import Log, lr_at, resume, save_state, seed_all, set_lr
 from .data import to_tensor
 from .forward import soft_code_grid, unroll
 from .stage1 import step_generator
@@ -219,13 +219,8 @@ def train_latents(
         [{"params": decay, "weight_decay": P.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=P.lr, betas=(0.9, 0.99),
     )
-    start = 0
-    state = load_state(ckpt)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = int(state["step"])
-    elif P.init:
+    start, state = resume(ckpt, model, opt)
+    if state is None and P.init:
         init_for_training(model, seed, P.structured_init)
     cb = vq.codebook.detach()
     cb_var = cb.var(0).sum()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.alit import ALIT
-from .common import Log, load_state, lr_at, save_state, seed_all, set_lr
+from .common import Log, lr_at, resume, save_state, seed_all, set_lr
 from .data import to_tensor
 from .forward import soft_code_grid, unroll
 from .stage1 import step_generator
@@ -34,12 +34,7 @@ def finetune_decoder(
     for p in dec.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam(dec.parameters(), lr=lr, betas=(0.9, 0.99))
-    start = 0
-    state = load_state(ckpt)
-    if state is not None:
-        dec.load_state_dict(state["decoder"])
-        opt.load_state_dict(state["opt"])
-        start = int(state["step"])
+    start, _ = resume(ckpt, dec, opt, key="decoder")
     log = Log(run_dir / "stage3.log.jsonl", steps, "stage3 decoder", start, quiet)
     vq = model.vqgan
     n = len(pool)
