@@ -90,6 +90,14 @@ class Log:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def step(self, step: int, record: dict, msg: str, every: int = 10) -> None:
+        """Log a step's record; print progress every `every` steps and whenever it holds a held-out curve."""
+        self.write(record)
+        if step % every == 0 or "heldout_l1" in record:
+            if "heldout_l1" in record:
+                msg += " heldout=" + " ".join(f"{v:.3f}" for v in record["heldout_l1"])
+            self.progress(step, msg)
+
     def progress(self, step: int, msg: str) -> None:
         if self.quiet:
             return

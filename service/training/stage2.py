@@ -293,12 +293,7 @@ def train_latents(
         if eval_images is not None and ((step + 1) % P.eval_every == 0 or step + 1 == P.steps):
             curve = per_iteration_l1(model, eval_images, halting=True, quantize=not phase_a)
             rec["heldout_l1"] = curve
-        log.write(rec)
-        if (step + 1) % 10 == 0 or "heldout_l1" in rec:
-            msg = f"K={K} loss={float(loss.detach()):.3f} ce={ce_t:.3f} code={code_t:.3f} pix={pix_t:.4f}"
-            if "heldout_l1" in rec:
-                msg += " heldout=" + " ".join(f"{v:.3f}" for v in rec["heldout_l1"])
-            log.progress(step + 1, msg)
+        log.step(step + 1, rec, f"K={K} loss={float(loss.detach()):.3f} ce={ce_t:.3f} code={code_t:.3f} pix={pix_t:.4f}")
         if (step + 1) % P.ckpt_every == 0 or step + 1 == P.steps:
             save_state(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step + 1)
     model.eval()

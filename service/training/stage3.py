@@ -66,12 +66,7 @@ def finetune_decoder(
 
             dec.eval()
             r["heldout_l1"] = per_iteration_l1(model, eval_images)
-        log.write(r)
-        if (step + 1) % 10 == 0 or "heldout_l1" in r:
-            msg = f"l1={l1.item():.4f}"
-            if "heldout_l1" in r:
-                msg += " heldout=" + " ".join(f"{v:.3f}" for v in r["heldout_l1"])
-            log.progress(step + 1, msg)
+        log.step(step + 1, r, f"l1={l1.item():.4f}")
         if (step + 1) % 50 == 0 or step + 1 == steps:
             save_state(ckpt, decoder=dec.state_dict(), opt=opt.state_dict(), step=step + 1)
     dec.eval()
