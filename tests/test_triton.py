@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import queue
+import time
 
 import numpy as np
 import pytest
@@ -25,9 +26,15 @@ def triton(triton_ports):
     return triton_ports
 
 
-def _inputs(image: bytes | None, target: dict, pixels: np.ndarray | None = None):
+UNSET = {"MAX_L1": float("nan"), "MIN_PSNR": float("nan"), "TOKENS": 0, "MAX_TOKENS": 0}
+
+
+def _inputs(image: bytes | None, target: dict, pixels: np.ndarray | None = None, all_fields: bool = False):
+    """all_fields: send every target input (NaN / 0 = not set) so mixed targets can share a batch."""
     from tritonclient.grpc import InferInput
 
+    if all_fields:
+        target = {**UNSET, **target}
     inputs = []
     if image is not None:
         i = InferInput("IMAGE", [1, 1], "BYTES")
@@ -45,7 +52,7 @@ def _inputs(image: bytes | None, target: dict, pixels: np.ndarray | None = None)
     return inputs
 
 
-def infer_many(port: int, requests: list[tuple]) -> dict[str, object]:
+def infer_many(port: int, requests: list[tuple], all_fields: bool = False) -> dict[str, object]:
     """Send all requests at once on one gRPC stream (decoupled model); collect results by id."""
     from tritonclient.grpc import InferenceServerClient
 
@@ -54,7 +61,7 @@ def infer_many(port: int, requests: list[tuple]) -> dict[str, object]:
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         for n, (image, target, pixels) in enumerate(requests):
-            client.async_stream_infer("alit", _inputs(image, target, pixels), request_id=str(n))
+            client.async_stream_infer("alit", _inputs(image, target, pixels, all_fields), request_id=str(n))
         out = {}
         while len(out) < len(requests):
             result, error = results.get(timeout=120)
@@ -97,10 +104,31 @@ def noise_png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_32_concurrent_mixed_targets_match_the_in_process_engine(triton):
+def triton_metrics(port: int) -> dict[str, float]:
+    """Triton's /metrics as {'name{labels}': value}, its own series and our model's custom ones."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def metric(snapshot: dict, name: str, **labels) -> float:
+    """Sum of the series called `name` whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in snapshot.items()
+               if k.split("{")[0] == name and all(w in k for w in want))
+
+
+def test_32_concurrent_mixed_targets_match_the_in_process_engine_in_shared_batches(triton):
     corpus = [p.read_bytes() for p in PHOTOS] + [noise_png(s) for s in range(3)]
     requests = [(corpus[i % len(corpus)], TARGETS[i % len(TARGETS)], None) for i in range(32)]
-    got = infer_many(triton.grpc, requests)
+    before = triton_metrics(triton.metrics)
+    got = infer_many(triton.grpc, requests, all_fields=True)
+    after = triton_metrics(triton.metrics)
     assert not [k for k in got if k.startswith("error")], got
     want = in_process(requests)
     iterations = set()
@@ -116,6 +144,15 @@ def test_32_concurrent_mixed_targets_match_the_in_process_engine(triton):
             assert abs(float(g["L1"][0, 0]) - w.l1) <= 1e-5
         iterations.add(w.iterations)
     assert len(iterations) >= 3
+    # Triton's dynamic batcher put several requests into one execute() ...
+    count = metric(after, "nv_inference_count", model="alit") - metric(before, "nv_inference_count", model="alit")
+    execs = (metric(after, "nv_inference_exec_count", model="alit")
+             - metric(before, "nv_inference_exec_count", model="alit"))
+    assert count == 32 and execs < count, (count, execs)
+    # ... and the engine's own metrics, on Triton's /metrics, saw every image halt.
+    halted = metric(after, "alit_halting_iteration_count") - metric(before, "alit_halting_iteration_count")
+    assert halted == 32
+    assert metric(after, "alit_iteration_stage_seconds_count", stage="encoder") > 0
 
 
 def test_pixels_input_equals_encoded_image(triton):
@@ -136,3 +173,25 @@ def test_invalid_requests_get_error_responses_and_the_model_keeps_serving(triton
     assert "tokens: must be a multiple of 32" in str(err)
     ok = infer_many(triton.grpc, [(PHOTOS[1].read_bytes(), {"TOKENS": 32}, None)])
     assert int(ok["0"]["NUM_TOKENS"][0, 0]) == 32
+
+
+def test_a_cancelled_stream_leaves_the_engine(triton):
+    """Cancelling the client's stream cancels its images in the engine instead of running them out."""
+    from tritonclient.grpc import InferenceServerClient
+
+    before = metric(triton_metrics(triton.metrics), "alit_rejected_total", reason="cancelled")
+    client = InferenceServerClient(f"127.0.0.1:{triton.grpc}")
+    client.start_stream(callback=lambda result, error: None)
+    for n in range(64):  # never meets its target: 8 iterations each, two batches' worth
+        client.async_stream_infer("alit", _inputs(noise_png(n), {"MAX_L1": 0.0001}, all_fields=True), request_id=str(n))
+    time.sleep(0.3)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        snap = triton_metrics(triton.metrics)
+        if metric(snap, "alit_active_images") + metric(snap, "alit_queue_depth") == 0:
+            break
+        time.sleep(0.1)
+    cancelled = metric(snap, "alit_rejected_total", reason="cancelled") - before
+    assert cancelled >= 16, cancelled  # at least the images still queued never ran

@@ -6,6 +6,10 @@ Calls come from worker threads; implementations must be thread-safe.
 
 from __future__ import annotations
 
+# Histogram buckets (seconds) for the timing hooks, shared by every exporter of these hooks (the
+# service's Prometheus registry and Triton's custom metrics) so their series line up.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
 
 class EngineObserver:
     def stage(self, iteration: int, stage: str, seconds: float, device: str) -> None:

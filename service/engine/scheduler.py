@@ -74,9 +74,14 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     admitted: float | None = None
     tag: str | None = None  # free-form label (fault-injection tests, tracing)
+    # Asked once per step when set: False means the caller went away (Triton's request cancellation)
+    # and the job is cancelled like an abandoned HTTP request.
+    still_wanted: Callable[[], bool] | None = None
 
     @property
     def cancelled(self) -> bool:
+        if self.still_wanted is not None and not self.future.done() and not self.still_wanted():
+            self.future.cancel()
         return self.future.cancelled()
 
     def resolve(self, value) -> None:

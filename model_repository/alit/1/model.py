@@ -6,10 +6,13 @@ container, point it at the image's site-packages and the project).
 """
 
 import json
+import math
 import os
 import sys
+import time
 
-for _p in reversed([p for p in os.environ.get("ALIT_PYTHONPATH", "").split(os.pathsep) if p]):
+for _p in reversed([os.path.dirname(os.path.abspath(__file__)),
+                    *[p for p in os.environ.get("ALIT_PYTHONPATH", "").split(os.pathsep) if p]]):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -23,6 +26,7 @@ from service.imaging import ImageError, decode_image, preprocess  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
 
 TARGET_INPUTS = {"MAX_L1": "max_l1", "MIN_PSNR": "min_psnr", "TOKENS": "tokens", "MAX_TOKENS": "max_tokens"}
+CANCEL_POLL_S = 0.1  # how often a running image asks Triton whether its client cancelled
 
 
 def _setting(params: dict, key: str, default: str) -> str:
@@ -40,13 +44,15 @@ class TritonPythonModel:
             torch.set_num_threads(int(os.environ["ALIT_TORCH_THREADS"]))
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         self.loaded = resolve(_setting(params, "model", "preset:test_tiny"))
+        max_batch = int(_setting(params, "max_batch", "32"))
         self.engine = Engine(self.loaded, EngineSettings(
-            devices=device, max_batch=int(_setting(params, "max_batch", "32")),
+            devices=device, max_batch=max_batch,
             max_queue=int(cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 256) or 256),
             halting=_setting(params, "halting", "true").lower() in ("1", "true", "yes", "on"),
-        )).start()
+        ), observer=_observer(self.loaded.config, max_batch)).start()
         self.default_target = Target(max_l1=float(_setting(params, "default_max_l1", "0.07")))
         self.size = self.loaded.config.img_size
+        self.fingerprint = np.array([[self.loaded.fingerprint.encode()]], dtype=object)
 
     # ----- request -> job ----------------------------------------------------------------------------
     def _job(self, request, sender) -> TokenizeJob:
@@ -69,12 +75,12 @@ class TritonPythonModel:
         spec = {}
         for name, field in TARGET_INPUTS.items():
             t = pb_utils.get_input_tensor_by_name(request, name)
-            if t is not None:
-                v = t.as_numpy().reshape(-1)[0].item()
-                spec[field] = v
+            v = None if t is None else t.as_numpy().reshape(-1)[0].item()
+            if v is not None and not (isinstance(v, float) and math.isnan(v)) and v != 0:
+                spec[field] = v  # NaN / 0 mean "not set", like an absent input (see config.pbtxt)
         target = parse_target(spec, self.engine.limits, self.default_target)
         every = pb_utils.get_input_tensor_by_name(request, "ALL_ITERATIONS")
-        job = TokenizeJob(image=preprocess(pil, self.size), target=target)
+        job = TokenizeJob(image=preprocess(pil, self.size), target=target, still_wanted=_not_cancelled(sender))
         if every is not None and bool(every.as_numpy().reshape(-1)[0]):
             job.progress = lambda rec: sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(
                 rec.token_ids, rec.iteration, rec.l1, rec.psnr, False, final=False)))
@@ -83,8 +89,11 @@ class TritonPythonModel:
     # ----- responses ------------------------------------------------------------------------------------
     @staticmethod
     def _error(sender, message: str) -> None:
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        try:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except pb_utils.TritonModelException:  # the client is gone (cancelled); nobody to tell
+            pass
 
     def _respond(self, sender, future) -> None:
         """Runs on the engine's worker thread the moment an image halts."""
@@ -98,11 +107,11 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    @staticmethod
-    def _outputs(token_ids, iterations, l1, psnr, target_met, final: bool) -> list:
+    def _outputs(self, token_ids, iterations, l1, psnr, target_met, final: bool) -> list:
         """ITERATIONS: iterations run (final) or the iteration reported (per-iteration responses)."""
         nan = float("nan")
         return [
+            pb_utils.Tensor("MODEL_FINGERPRINT", self.fingerprint),
             pb_utils.Tensor("TOKEN_IDS", token_ids.astype(np.int32)[None, :]),
             pb_utils.Tensor("NUM_TOKENS", np.array([[token_ids.shape[0]]], np.int32)),
             pb_utils.Tensor("ITERATIONS", np.array([[iterations]], np.int32)),
@@ -138,3 +147,29 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown()
+
+
+def _observer(config, max_batch: int):
+    """The engine's metrics on Triton's /metrics; none when Triton runs with metrics off."""
+    try:
+        from triton_metrics import TritonMetrics
+
+        return TritonMetrics(config.max_iters, max_batch, config.max_tokens, config.tokens_per_iter)
+    except Exception as e:  # pb_utils refuses custom metrics under --allow-metrics=false
+        print(f"alit: engine metrics disabled ({e})", file=sys.stderr)
+        return None
+
+
+def _not_cancelled(sender):
+    """A still_wanted predicate for the engine: asks Triton (at most every CANCEL_POLL_S) whether the
+    client cancelled, so an abandoned image leaves the batch instead of running to its last iteration."""
+    last, wanted = 0.0, True
+
+    def check() -> bool:
+        nonlocal last, wanted
+        now = time.monotonic()
+        if wanted and now - last >= CANCEL_POLL_S:
+            last, wanted = now, not sender.is_cancelled()
+        return wanted
+
+    return check
