@@ -231,12 +231,16 @@ def engine(request):
 @pytest.fixture
 def start_server(tmp_path, request):
     """start_server(**ALIT_settings) -> a running `alit-serve serve` on a free port (real uvicorn).
-    With engine="triton", tokenization goes to the session's real tritonserver."""
+    With engine="triton" (given, or the test's `engine` parameter), tokenization goes to the session's
+    real tritonserver."""
     servers: list[Server] = []
 
-    def start(**settings) -> Server:
+    def start(wait: str = "/readyz", **settings) -> Server:
+        """wait: the path that must answer 200 before the server counts as started."""
+        if "engine" in request.fixturenames:  # a test run once per engine (the `engine` fixture)
+            settings.setdefault("engine", request.getfixturevalue("engine"))
         if settings.get("engine") == "triton":
-            settings["triton_url"] = f"127.0.0.1:{request.getfixturevalue('triton_ports').grpc}"
+            settings.setdefault("triton_url", f"127.0.0.1:{request.getfixturevalue('triton_ports').grpc}")
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ALIT_PORT": str(port), "ALIT_DEVICES": "cpu",
                "ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
@@ -247,7 +251,7 @@ def start_server(tmp_path, request):
             proc = subprocess.Popen([*CLI, "serve"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         server = Server(proc, port, log)
         servers.append(server)
-        wait_http(server.url + "/readyz", proc, log=log)
+        wait_http(server.url + wait, proc, log=log)
         return server
 
     yield start

@@ -1,4 +1,7 @@
-"""The HTTP API through a real uvicorn server on a free port, with real Redis."""
+"""The HTTP API through a real uvicorn server on a free port, with real Redis.
+
+Every test runs twice: on the in-process engine and with ALIT_ENGINE=triton against the session's
+real tritonserver (the `engine` fixture; `start_server` picks it up)."""
 
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import FIXTURE, ROOT
+
+pytestmark = pytest.mark.usefixtures("engine")
 
 PHOTOS = sorted((FIXTURE / "images").rglob("*.*"))
 
@@ -40,8 +46,8 @@ def tokenize(url: str, data: bytes, **target) -> httpx.Response:
 # ----- cache --------------------------------------------------------------------------------------
 
 
-def test_looser_target_after_stricter_is_a_cache_hit_without_engine_work(start_server, engine, shared_redis_url, cache_prefix):
-    srv = start_server(redis_url=shared_redis_url, cache_prefix=cache_prefix, engine=engine)
+def test_looser_target_after_stricter_is_a_cache_hit_without_engine_work(start_server, shared_redis_url, cache_prefix):
+    srv = start_server(redis_url=shared_redis_url, cache_prefix=cache_prefix)
     data = PHOTOS[0].read_bytes()
     strict = tokenize(srv.url, data, max_l1=0.0001)  # never met: every iteration measured
     assert strict.status_code == 200, strict.text
@@ -63,8 +69,8 @@ def s_prefix_ids(srv, data: bytes, iteration: int) -> list[int]:
     return r["results"][0]["all_iterations"][iteration - 1]["token_ids"]
 
 
-def test_twenty_concurrent_identical_requests_compute_once(start_server, engine, shared_redis_url, cache_prefix):
-    srv = start_server(redis_url=shared_redis_url, cache_prefix=cache_prefix, engine=engine)
+def test_twenty_concurrent_identical_requests_compute_once(start_server, shared_redis_url, cache_prefix):
+    srv = start_server(redis_url=shared_redis_url, cache_prefix=cache_prefix)
     data = PHOTOS[3].read_bytes()
     before = srv.metric("alit_cache_requests_total", result="miss")
 
@@ -110,8 +116,8 @@ def test_redis_down_then_back(start_server, own_redis):
 # ----- responses ----------------------------------------------------------------------------------
 
 
-def test_json_batch_with_reconstruction_and_all_iterations(start_server, engine):
-    srv = start_server(engine=engine)
+def test_json_batch_with_reconstruction_and_all_iterations(start_server):
+    srv = start_server()
     body = {"images": [{"image": b64(PHOTOS[0].read_bytes()), "target": {"tokens": 64}},
                        {"image": b64(PHOTOS[1].read_bytes()), "target": {"max_l1": 0.99}}],
             "include_reconstruction": True, "all_iterations": True}
@@ -139,8 +145,8 @@ def test_json_batch_with_reconstruction_and_all_iterations(start_server, engine)
     assert httpx.post(srv.url + "/reconstruct", json={"token_ids": a["token_ids"]}, timeout=60).status_code == 200
 
 
-def test_stream_events_arrive_per_iteration_before_the_result(start_server, engine):
-    srv = start_server(engine=engine)
+def test_stream_events_arrive_per_iteration_before_the_result(start_server):
+    srv = start_server()
     arrivals = []
     with httpx.stream("POST", srv.url + "/v1/tokenize?stream=true", timeout=60,
                       files={"file": ("a.png", PHOTOS[2].read_bytes(), "image/png")}, data={"max_l1": "0.0001"}) as r:
@@ -312,7 +318,7 @@ def test_readme_curl_examples_work(start_server, tmp_path):
     blocks = re.findall(r"```bash\n(.*?)```", api, re.S)
     commands = [b.strip() for b in blocks if "curl" in b]
     assert len(commands) >= 4
-    srv = start_server(model="preset:test_tiny")
+    srv = start_server()
     shutil.copy(PHOTOS[0], tmp_path / "photo.png")
     for cmd in commands:
         cmd = cmd.replace("localhost:8000", f"127.0.0.1:{srv.port}")

@@ -195,3 +195,33 @@ def test_a_cancelled_stream_leaves_the_engine(triton):
         time.sleep(0.1)
     cancelled = metric(snap, "alit_rejected_total", reason="cancelled") - before
     assert cancelled >= 16, cancelled  # at least the images still queued never ran
+
+
+def test_the_front_refuses_a_triton_serving_another_model(start_server):
+    """ALIT_ENGINE=triton with different weights here and on Triton: not ready, and 503s that say why
+    (never tokens from one model cached under, or decoded by, another)."""
+    import httpx
+
+    srv = start_server(engine="triton", model="preset:test_tiny", wait="/healthz")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready = httpx.get(srv.url + "/readyz", timeout=5)
+        if "another model" in ready.text:
+            break
+        time.sleep(0.2)
+    assert ready.status_code == 503 and "another model" in ready.json()["error"]["message"], ready.text
+    r = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", PHOTOS[0].read_bytes())}, timeout=60)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+    assert "another model" in r.json()["error"]["message"] and r.headers["retry-after"]
+
+
+def test_the_front_answers_503_while_triton_is_unreachable(start_server):
+    import httpx
+
+    from conftest import free_port
+
+    srv = start_server(engine="triton", triton_url=f"127.0.0.1:{free_port()}", wait="/healthz")
+    ready = httpx.get(srv.url + "/readyz", timeout=5)
+    assert ready.status_code == 503 and "unreachable" in ready.json()["error"]["message"], ready.text
+    r = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", PHOTOS[0].read_bytes())}, timeout=60)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text

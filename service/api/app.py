@@ -80,7 +80,7 @@ def build_state(settings: Settings) -> ServiceState:
         from ..engine.remote import TritonEngine
 
         engine_settings.devices, engine_settings.warmup = "cpu", False
-        engine = TritonEngine(loaded, settings.triton_url, local=engine_settings).start()
+        engine = TritonEngine(loaded, settings.triton_url, local=engine_settings, observer=metrics).start()
     else:
         engine = Engine(loaded, engine_settings, observer=metrics).start()
     metrics.devices = [w.device for w in engine.workers]

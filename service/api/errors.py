@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import DeadlineExceeded, EngineStopped, QueueFull, StepFailed, TargetError
+from ..engine import DeadlineExceeded, EngineStopped, EngineUnavailable, QueueFull, StepFailed, TargetError
 from ..imaging import ImageError
 
 log = logging.getLogger("alit.api")
@@ -44,6 +44,8 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(503, "overloaded", str(exc), {"retry_after_s": retry}, {"Retry-After": str(retry)})
     if isinstance(exc, EngineStopped):
         return ApiError(503, "draining", str(exc), None, {"Retry-After": "5"})
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, "engine_unavailable", str(exc), None, {"Retry-After": "5"})
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, "deadline_exceeded", str(exc))
     if isinstance(exc, StepFailed):
@@ -64,7 +66,8 @@ def install(app: FastAPI) -> None:
     async def _any(request: Request, exc: Exception):
         return error_response(exc)
 
-    for cls in (ApiError, TargetError, ImageError, QueueFull, EngineStopped, DeadlineExceeded, StepFailed):
+    for cls in (ApiError, TargetError, ImageError, QueueFull, EngineStopped, EngineUnavailable, DeadlineExceeded,
+                StepFailed):
         app.add_exception_handler(cls, lambda request, exc: error_response(exc))
 
     @app.exception_handler(RequestValidationError)
@@ -90,6 +93,6 @@ ERROR_RESPONSES = {
     413: {"description": "Body or image too large"},
     415: {"description": "Not a supported image"},
     422: {"description": "Invalid image, target, token ids or request field"},
-    503: {"description": "Overloaded (Retry-After) or draining"},
+    503: {"description": "Overloaded (Retry-After), draining, or the Triton engine unreachable"},
     504: {"description": "Deadline exceeded"},
 }

@@ -339,7 +339,8 @@ async def readyz(request: Request):
         return JSONResponse(error_body("draining", "shutting down; finishing in-flight requests"), status_code=503)
     if not svc.engine.ready:
         bad = [w.device for w in svc.engine.workers if not w.healthy]
-        return JSONResponse(error_body("unhealthy", "workers not ready", {"workers": bad}), status_code=503)
+        why = getattr(svc.engine, "problem", "") or "workers not ready"  # the Triton engine says why
+        return JSONResponse(error_body("unhealthy", why, {"workers": bad}), status_code=503)
     return {"status": "ready", "model": svc.model_ref, "cache": {"backend": svc.cache.backend, "available": svc.cache.available}}
 
 

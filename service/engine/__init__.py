@@ -1,6 +1,6 @@
 """Turns many requests into few model steps: targets, scheduling, workers. No HTTP in here."""
 
-from .errors import DeadlineExceeded, EngineError, EngineStopped, QueueFull, StepFailed
+from .errors import DeadlineExceeded, EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .observer import EngineObserver
 from .scheduler import IterationRecord, TokenizeResult
 from .targets import ModelLimits, Target, TargetError, check_token_ids, parse_target
@@ -8,6 +8,6 @@ from .workers import Engine, EngineSettings
 
 __all__ = [
     "DeadlineExceeded", "Engine", "EngineError", "EngineObserver", "EngineSettings", "EngineStopped",
-    "IterationRecord", "ModelLimits", "QueueFull", "StepFailed", "Target", "TargetError",
+    "EngineUnavailable", "IterationRecord", "ModelLimits", "QueueFull", "StepFailed", "Target", "TargetError",
     "TokenizeResult", "check_token_ids", "parse_target",
 ]

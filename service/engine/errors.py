@@ -26,3 +26,7 @@ class StepFailed(EngineError):
 
 class EngineStopped(EngineError):
     """The engine is draining or stopped and takes no new work (-> 503)."""
+
+
+class EngineUnavailable(EngineError):
+    """The remote engine (Triton) cannot be reached or serves another model (-> 503 + Retry-After)."""

@@ -1,10 +1,14 @@
 """An engine that forwards tokenization to Triton Inference Server (`ALIT_ENGINE=triton`).
 
-It has the in-process `Engine`'s face (tokenize / reconstruct / limits / readiness), so the API,
-its cache, auth, limits and errors stay the same in front of Triton. Each tokenize call is one gRPC
-stream to the decoupled `alit` model with ALL_ITERATIONS on: the per-iteration responses become the
-trajectory the cache and stream mode need. Images are sent preprocessed (PIXELS, 8-bit, already the
-model's size), so Triton computes exactly what the in-process engine would.
+It has the in-process `Engine`'s face (tokenize / reconstruct / limits / readiness / observer
+hooks), so the API, its cache, auth, limits, errors and metrics stay the same in front of Triton.
+Each tokenize call is one gRPC stream to the decoupled `alit` model with ALL_ITERATIONS on: the
+per-iteration responses become the trajectory the cache and stream mode need. Images are sent
+preprocessed (PIXELS, 8-bit, already the model's size), so Triton computes exactly what the
+in-process engine would, and with all four target inputs (NaN / 0 = not set), so requests with
+different targets can share one of Triton's batches. Every response carries the served model's
+fingerprint; one that differs from ours fails the request (503) instead of mixing two models.
+Admission is bounded here like the in-process queue (max_queue + max_batch in flight -> 503).
 
 /reconstruct stays in this process (one decoder pass, no recurrence); the model weights are loaded
 here for it, for validation limits and for the fingerprint in cache keys.
@@ -13,6 +17,7 @@ here for it, for validation limits and for the fingerprint in cache keys.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 
@@ -20,24 +25,33 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .errors import DeadlineExceeded, QueueFull, StepFailed
+from .errors import DeadlineExceeded, EngineError, EngineUnavailable, QueueFull, StepFailed
+from .observer import EngineObserver
 from .scheduler import IterationRecord, TokenizeResult
 from .targets import ModelLimits, Target, check_token_ids
 from .workers import Engine, EngineSettings
 
 
 class TritonEngine:
-    def __init__(self, loaded: LoadedModel, url: str, model_name: str = "alit", local: EngineSettings | None = None):
+    DEVICE = "triton"  # the `device` label of this engine's metrics
+
+    def __init__(self, loaded: LoadedModel, url: str, model_name: str = "alit", local: EngineSettings | None = None,
+                 observer: EngineObserver | None = None):
         self.loaded = loaded
         self.url = url
         self.model_name = model_name
         cfg = loaded.config
         self.limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
-        self.local = Engine(loaded, local or EngineSettings(devices="cpu", warmup=False))  # /reconstruct only
+        settings = local or EngineSettings(devices="cpu", warmup=False)
+        self.capacity = settings.max_queue + settings.max_batch  # images in flight at Triton, at most
+        self.observer = observer or EngineObserver()
+        self.local = Engine(loaded, settings, observer=self.observer)  # /reconstruct only
         self.workers = self.local.workers
         self.inflight = 0
         self._ready = False
+        self._problem = ""  # why not ready, for logs and errors
         self._stop = threading.Event()
+        self._clients: dict[asyncio.AbstractEventLoop, object] = {}
 
     # ----- lifecycle --------------------------------------------------------------------------------
     def start(self) -> "TritonEngine":
@@ -47,13 +61,41 @@ class TritonEngine:
         return self
 
     def _poll_once(self) -> None:
+        """Readiness: the model is ready on Triton and (checked on every (re)connection) it is ours."""
         from tritonclient.grpc import InferenceServerClient
 
         try:
             with InferenceServerClient(self.url) as c:
-                self._ready = bool(c.is_model_ready(self.model_name))
-        except Exception:
-            self._ready = False
+                up = bool(c.is_model_ready(self.model_name))
+                if not up:
+                    self._ready, self._problem = False, f"model {self.model_name!r} is not ready on Triton at {self.url}"
+                elif not self._ready:
+                    self._check_model(c)
+        except EngineUnavailable as e:
+            self._ready, self._problem = False, str(e)
+        except Exception as e:
+            self._ready, self._problem = False, f"Triton at {self.url} unreachable: {e}"
+        self.observer.worker_health(self.DEVICE, self.ready)
+
+    def _check_model(self, client) -> None:
+        """One 32-token probe; its response names the served model's fingerprint."""
+        replies: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: replies.put((result, error)))
+        try:
+            probe = torch.zeros(3, self.loaded.config.img_size, self.loaded.config.img_size)
+            client.async_stream_infer(self.model_name, self._inputs(probe, Target(tokens=self.limits.tokens_per_iter),
+                                                                    every=False))
+            result, error = replies.get(timeout=60)
+        finally:
+            client.stop_stream()
+        if error is not None:
+            raise EngineUnavailable(f"probe request to Triton failed: {error}")
+        self._record(result)  # raises EngineUnavailable on another model
+        self._ready, self._problem = True, ""
+
+    @property
+    def problem(self) -> str:
+        return self._problem
 
     def _poll(self) -> None:
         while not self._stop.wait(2.0):
@@ -75,87 +117,125 @@ class TritonEngine:
     def pixel_decodes(self) -> int:
         return 0
 
+    def retry_after(self) -> float:
+        return 1.0
+
     # ----- work ------------------------------------------------------------------------------------------
-    def _inputs(self, image: torch.Tensor, target: Target):
+    def _client(self):
+        """One gRPC channel per event loop (the service runs one), opened on first use."""
+        from tritonclient.grpc.aio import InferenceServerClient
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = InferenceServerClient(self.url)
+        return client
+
+    def _inputs(self, image: torch.Tensor, target: Target, every: bool = True):
         from tritonclient.grpc import InferInput
 
         pixels = image.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
         inputs = [InferInput("PIXELS", [1, *pixels.shape], "UINT8")]
         inputs[0].set_data_from_numpy(pixels[None])
-        fields = {"MAX_L1": (target.max_l1, "FP32", np.float32), "MIN_PSNR": (target.min_psnr, "FP32", np.float32),
-                  "TOKENS": (target.tokens, "INT32", np.int32), "MAX_TOKENS": (target.max_tokens, "INT32", np.int32)}
-        for name, (value, dtype, np_type) in fields.items():
-            if value is not None:
-                t = InferInput(name, [1, 1], dtype)
-                t.set_data_from_numpy(np.array([[value]], dtype=np_type))
-                inputs.append(t)
-        every = InferInput("ALL_ITERATIONS", [1, 1], "BOOL")
-        every.set_data_from_numpy(np.array([[True]]))
-        inputs.append(every)
+        nan = float("nan")
+        fields = {"MAX_L1": (target.max_l1, nan, "FP32", np.float32),
+                  "MIN_PSNR": (target.min_psnr, nan, "FP32", np.float32),
+                  "TOKENS": (target.tokens, 0, "INT32", np.int32),
+                  "MAX_TOKENS": (target.max_tokens, 0, "INT32", np.int32),
+                  "ALL_ITERATIONS": (every, every, "BOOL", bool)}
+        for name, (value, unset, dtype, np_type) in fields.items():
+            t = InferInput(name, [1, 1], dtype)
+            t.set_data_from_numpy(np.array([[unset if value is None else value]], dtype=np_type))
+            inputs.append(t)
         return inputs
+
+    def _record(self, result) -> tuple[IterationRecord, bool, bool]:
+        """One response -> (record, is_final, target_met), after checking which model produced it."""
+        served = result.as_numpy("MODEL_FINGERPRINT")
+        served = served.reshape(-1)[0].decode() if served is not None else "(none)"
+        if served != self.loaded.fingerprint:
+            self._ready, self._problem = False, (f"Triton serves another model (fingerprint {served[:12]}) than this service loaded "
+                             f"({self.loaded.fingerprint[:12]}); point ALIT_MODEL at the same weights for both")
+            raise EngineUnavailable(self._problem)
+        out = {k: result.as_numpy(k) for k in ("TOKEN_IDS", "ITERATIONS", "L1", "PSNR", "TARGET_MET", "IS_FINAL")}
+        l1, psnr = float(out["L1"][0, 0]), float(out["PSNR"][0, 0])
+        rec = IterationRecord(int(out["ITERATIONS"][0, 0]), out["TOKEN_IDS"][0].astype(np.int32),
+                              None if np.isnan(l1) else l1, None if np.isnan(psnr) else psnr)
+        return rec, bool(out["IS_FINAL"][0, 0]), bool(out["TARGET_MET"][0, 0])
 
     async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None = None,
                        trajectory: bool = False, progress=None, tag: str | None = None) -> TokenizeResult:
-        from tritonclient.grpc.aio import InferenceServerClient
-
+        if self.inflight >= self.capacity:
+            self.observer.rejected("queue_full")
+            raise QueueFull(self.inflight, self.retry_after())
         started = time.monotonic()
         records: list[IterationRecord] = []
         final = None
 
         async def run():
             nonlocal final
-            client = InferenceServerClient(self.url)
-            try:
-                async def requests():
-                    yield {"model_name": self.model_name, "inputs": self._inputs(image, target)}
 
-                async for result, error in client.stream_infer(requests()):
-                    if error is not None:
-                        raise _map_error(error)
-                    out = {k: result.as_numpy(k) for k in ("TOKEN_IDS", "ITERATIONS", "L1", "PSNR", "TARGET_MET", "IS_FINAL")}
-                    l1, psnr = float(out["L1"][0, 0]), float(out["PSNR"][0, 0])
-                    rec = IterationRecord(int(out["ITERATIONS"][0, 0]), out["TOKEN_IDS"][0].astype(np.int32),
-                                          None if np.isnan(l1) else l1, None if np.isnan(psnr) else psnr)
-                    if bool(out["IS_FINAL"][0, 0]):
-                        final = (rec, bool(out["TARGET_MET"][0, 0]))
-                        return
-                    records.append(rec)
-                    if progress is not None:
-                        progress(rec)
-            finally:
-                await client.close()
+            async def requests():
+                yield {"model_name": self.model_name, "inputs": self._inputs(image, target)}
 
-        self.inflight += 1
+            async for result, error in self._client().stream_infer(requests()):
+                if error is not None:
+                    raise _map_error(error)
+                rec, is_final, met = self._record(result)
+                if is_final:
+                    final = (rec, met)
+                    return
+                records.append(rec)
+                if progress is not None:
+                    progress(rec)
+
+        self._enter(+1)
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             await asyncio.wait_for(run(), timeout)
         except asyncio.TimeoutError:
+            self.observer.rejected("deadline")
             raise DeadlineExceeded(f"deadline passed after {time.monotonic() - started:.2f} s (Triton)") from None
+        except asyncio.CancelledError:
+            self.observer.rejected("cancelled")
+            raise
+        except Exception as e:  # Triton's error responses were mapped in run(); gRPC failures are here
+            err = e if isinstance(e, EngineError) else _map_error(e)
+            if isinstance(err, StepFailed):
+                self.observer.rejected("step_failed")
+            raise err from (None if err is e else e)
         finally:
-            self.inflight -= 1
+            self._enter(-1)
         if final is None:
+            self.observer.rejected("step_failed")
             raise StepFailed("Triton closed the stream without a result")
         rec, met = final  # the returned iteration's tokens and quality; ITERATIONS = iterations run
         total = time.monotonic() - started
-        return TokenizeResult(token_ids=rec.token_ids, iterations=rec.iteration,
-                              selected_iteration=rec.token_ids.shape[0] // self.limits.tokens_per_iter,
+        selected = rec.token_ids.shape[0] // self.limits.tokens_per_iter
+        self.observer.retired(target.kind, selected, rec.token_ids.shape[0], met)
+        return TokenizeResult(token_ids=rec.token_ids, iterations=rec.iteration, selected_iteration=selected,
                               l1=rec.l1, psnr=rec.psnr, target_met=met, pixel_decodes=0,
                               timings={"queue_s": 0.0, "compute_s": total, "total_s": total},
                               trajectory=records if trajectory else None)
+
+    def _enter(self, n: int) -> None:
+        self.inflight += n
+        self.observer.active(self.DEVICE, self.inflight)
 
     async def reconstruct(self, token_ids, deadline: float | None = None) -> list[torch.Tensor]:
         for ids in token_ids:
             check_token_ids(ids, self.loaded.config.vq_codebook_size, self.limits)
         return await self.local.reconstruct(token_ids, deadline=deadline)
 
-    def retry_after(self) -> float:
-        return 1.0
-
 
 def _map_error(error: Exception) -> Exception:
+    """A Triton / gRPC failure -> the engine error the API maps to a status."""
     msg = str(error)
     if "admission queue full" in msg or "Exceeds maximum queue size" in msg:
         return QueueFull(-1, 1.0)
     if "timeout" in msg.lower() and "queue" in msg.lower():
         return DeadlineExceeded(msg)
+    if any(s in msg for s in ("StatusCode.UNAVAILABLE", "failed to connect", "Connection refused", "not ready",
+                              "unknown model", "Socket closed")):
+        return EngineUnavailable(f"Triton unavailable: {msg[:300]}")
     return StepFailed(f"Triton: {msg}")
