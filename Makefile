@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps serve test verify bench triton loadtest reliability train clean
+.PHONY: setup system-deps serve test verify bench bench-triton triton loadtest reliability train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ train: setup
 bench: setup
 	$(PIP) install -q -e ".[test,bench]"
 	$(PY) loadtest/bench_engine.py --json docs/bench_engine.json --plot docs/bench_engine.png
+
+# In-process engine vs the same model on a local tritonserver (about 8 minutes on 2 CPU cores).
+bench-triton: setup
+	OMP_NUM_THREADS=1 $(PY) loadtest/bench_triton.py --threads 1 --json docs/bench_triton_cpu.json
 
 verify: setup
 	$(VENV)/bin/alit-serve verify tests/fixtures/alit-reference

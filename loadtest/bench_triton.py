@@ -4,7 +4,9 @@
   triton      a real `tritonserver` (nvidia-pytriton wheel) on model_repository/: dynamic batching
               into the decoupled Python backend, which runs the same engine; driven through
               `TritonEngine`, the gRPC client `ALIT_ENGINE=triton` uses (one stream per image,
-              per-iteration responses, preprocessed pixels).
+              preprocessed pixels), final response only;
+  triton+traj the same with one response per iteration (ALL_ITERATIONS), which is what the API's
+              cache asks for under ALIT_ENGINE=triton.
 
 Workload, targets and arrivals are bench_engine.py's (calibrated on the model measured): one
 saturation run (everything queued at t=0), then Poisson arrivals at fractions of the in-process
@@ -98,6 +100,18 @@ async def run_side(engine, sat_work, arrivals_runs) -> dict:
     return side
 
 
+class WithTrajectory:
+    """Tokenize asking for every iteration's tokens, as the API's cache does."""
+
+    pixel_decodes = 0
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def tokenize(self, image, target):
+        return await self.engine.tokenize(image, target, trajectory=True)
+
+
 def show(name: str, side: dict) -> None:
     s = side["saturation"]
     print(f"[saturation] {name:<10} {s['throughput']:7.2f} img/s  p50 {s['p50_s']:.3f}s  p99 {s['p99_s']:.3f}s",
@@ -143,6 +157,7 @@ async def bench(args) -> dict:
             before = triton_batching(ports.metrics)
             report["sides"]["triton"] = await run_side(remote, sat_work, runs)
             after = triton_batching(ports.metrics)
+            report["sides"]["triton+traj"] = await run_side(WithTrajectory(remote), sat_work, runs)
         finally:
             remote.shutdown()
     finally:
@@ -153,11 +168,15 @@ async def bench(args) -> dict:
     report["sides"]["triton"]["triton_batching"] = {"requests": count, "executes": execs,
                                                     "mean_requests_per_execute": count / max(1.0, execs)}
     show("triton", report["sides"]["triton"])
+    show("triton+traj", report["sides"]["triton+traj"])
     print(f"[triton] {count:.0f} requests in {execs:.0f} execute() calls", flush=True)
-    a, b = report["sides"]["in-process"], report["sides"]["triton"]
-    report["ratios"] = {"triton_vs_in_process_throughput": b["saturation"]["throughput"] / a["saturation"]["throughput"]}
-    for pa, pb in zip(a["poisson"], b["poisson"]):
-        report["ratios"][f"triton_vs_in_process_p50_at_{pa['load_fraction']:.0%}"] = pb["p50_s"] / pa["p50_s"]
+    a = report["sides"]["in-process"]
+    report["ratios"] = {}
+    for name in ("triton", "triton+traj"):
+        b = report["sides"][name]
+        report["ratios"][f"{name}_vs_in_process_throughput"] = b["saturation"]["throughput"] / a["saturation"]["throughput"]
+        for pa, pb in zip(a["poisson"], b["poisson"]):
+            report["ratios"][f"{name}_vs_in_process_p50_at_{pa['load_fraction']:.0%}"] = pb["p50_s"] / pa["p50_s"]
     return report
 
 

@@ -2,8 +2,9 @@
 
 It has the in-process `Engine`'s face (tokenize / reconstruct / limits / readiness / observer
 hooks), so the API, its cache, auth, limits, errors and metrics stay the same in front of Triton.
-Each tokenize call is one gRPC stream to the decoupled `alit` model with ALL_ITERATIONS on: the
-per-iteration responses become the trajectory the cache and stream mode need. Images are sent
+Each tokenize call is one gRPC stream to the decoupled `alit` model, with ALL_ITERATIONS on when a
+trajectory or progress is asked for: the per-iteration responses become the trajectory the cache
+and stream mode need. Images are sent
 preprocessed (PIXELS, 8-bit, already the model's size), so Triton computes exactly what the
 in-process engine would, and with all four target inputs (NaN / 0 = not set), so requests with
 different targets can share one of Triton's batches. Every response carries the served model's
@@ -93,10 +94,6 @@ class TritonEngine:
         self._record(result)  # raises EngineUnavailable on another model
         self._ready, self._problem = True, ""
 
-    @property
-    def problem(self) -> str:
-        return self._problem
-
     def _poll(self) -> None:
         while not self._stop.wait(2.0):
             self._poll_once()
@@ -108,6 +105,11 @@ class TritonEngine:
     @property
     def ready(self) -> bool:
         return self._ready and self.local.ready
+
+    @property
+    def problem(self) -> str:
+        """Why Triton is not usable ("" when it is): shown by /readyz."""
+        return self._problem
 
     @property
     def busy(self) -> bool:
@@ -176,7 +178,9 @@ class TritonEngine:
             nonlocal final
 
             async def requests():
-                yield {"model_name": self.model_name, "inputs": self._inputs(image, target)}
+                # per-iteration responses only when someone reads them (the API's cache always does)
+                every = trajectory or progress is not None
+                yield {"model_name": self.model_name, "inputs": self._inputs(image, target, every=every)}
 
             async for result, error in self._client().stream_infer(requests()):
                 if error is not None:
