@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -137,6 +138,18 @@ def test_dockerfile_essentials():
     assert "\nUSER " in df and "HEALTHCHECK" in df and "ENTRYPOINT" in df
     assert "rm -rf /var/lib/apt/lists/*" in df and "--no-install-recommends" in df
     assert "latest" not in df.split("FROM")[1].split("\n")[0]  # pinned base
+
+
+def test_triton_image_essentials():
+    """deploy/triton/Dockerfile: NVIDIA's pinned Triton image + CUDA torch + the project + the repository."""
+    df = (ROOT / "deploy" / "triton" / "Dockerfile").read_text()
+    base = re.search(r"TRITON_IMAGE=(\S+)", df).group(1)
+    assert base.startswith("nvcr.io/nvidia/tritonserver:") and "latest" not in base
+    assert "download.pytorch.org/whl/cu" in df and "pip install ." in df
+    assert "COPY model_repository /models_repo" in df and "--model-repository=/models_repo" in df
+    assert "\nUSER " in df and "HEALTHCHECK" in df
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert "dockerfile: deploy/triton/Dockerfile" in compose and "shm_size:" in compose
 
 
 def test_grafana_provisioning_points_at_the_dashboard():
