@@ -22,10 +22,8 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
-from bench_engine import build_corpus, calibrate_targets, drive, poisson, workload  # noqa: E402
+from bench_engine import build_corpus, calibrate_targets, drive, poisson, workload, write_json  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.engine import Engine, EngineSettings  # noqa: E402
 from service.engine.remote import TritonEngine  # noqa: E402
@@ -51,32 +49,11 @@ def free_port() -> int:
 
 def start_triton(model: str, threads: int, max_batch: int, log: Path):
     """A tritonserver on model_repository/ serving `model`; returns (process, ports) once ready."""
-    import httpx
-
-    from service.tritonserver import TritonPorts, start
+    from service.tritonserver import TritonPorts, start_ready
 
     ports = TritonPorts(free_port(), free_port(), free_port())
     env = {"ALIT_MODEL": model, "ALIT_TORCH_THREADS": str(threads), "ALIT_MAX_BATCH": str(max_batch)}
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        proc = start(Path(tempfile.mkdtemp(prefix="triton-runtime-")), ports, exit_timeout=5,
-                     stdout=log.open("w"), stderr=subprocess.STDOUT)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tritonserver exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{ports.http}/v2/models/alit/ready", timeout=1).status_code == 200:
-                return proc, ports
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("tritonserver did not become ready")
+    return start_ready(Path(tempfile.mkdtemp(prefix="triton-runtime-")), ports, log, extra_env=env), ports
 
 
 def triton_batching(metrics_port: int) -> dict:
@@ -195,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(bench(args))
     print(json.dumps(report["ratios"], indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(report, args.json)
     return 0
 
 

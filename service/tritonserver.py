@@ -59,9 +59,11 @@ class TritonPorts:
     metrics: int = 8012
 
 
-def command(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, exit_timeout: int = 30) -> tuple[list[str], dict]:
+def command(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, exit_timeout: int = 30,
+            extra_env: dict | None = None) -> tuple[list[str], dict]:
+    """The tritonserver command line and environment (this one's, plus extra_env, e.g. ALIT_MODEL)."""
     _, libs = _pytriton_paths()
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
     paths = [str(ROOT), *site.getsitepackages()]
     env["ALIT_PYTHONPATH"] = os.pathsep.join(paths)
@@ -73,9 +75,36 @@ def command(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, ex
 
 
 def start(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, exit_timeout: int = 30,
-          **popen) -> subprocess.Popen:
-    cmd, env = command(prepare_runtime(runtime), ports, repository, exit_timeout)
+          extra_env: dict | None = None, **popen) -> subprocess.Popen:
+    cmd, env = command(prepare_runtime(runtime), ports, repository, exit_timeout, extra_env)
     return subprocess.Popen(cmd, env=env, **popen)
+
+
+def start_ready(runtime: Path, ports: TritonPorts, log: Path, extra_env: dict | None = None, model: str = "alit",
+                timeout: float = 180.0, exit_timeout: int = 5) -> subprocess.Popen:
+    """Start a tritonserver (output to `log`) and return once `model` is ready; raise with the log's
+    tail if it exits or does not get there in `timeout` seconds. For tests and benchmarks."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    with open(log, "w") as out:
+        proc = start(runtime, ports, exit_timeout=exit_timeout, extra_env=extra_env, stdout=out,
+                     stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/models/{model}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    raise TimeoutError(f"tritonserver: {model} not ready after {timeout:.0f} s: {log.read_text()[-3000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,34 +185,12 @@ class Server:
 @pytest.fixture(scope="session")
 def triton_ports(tmp_path_factory):
     """A real tritonserver (nvidia-pytriton wheel) on model_repository/, serving the fixture model."""
-    import httpx
-
-    from service.tritonserver import TritonPorts, start
+    from service.tritonserver import TritonPorts, start_ready
 
     ports = TritonPorts(free_port(), free_port(), free_port())
-    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    saved = dict(os.environ)
-    os.environ.update({"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
-                       "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")})
-    try:
-        with open(log, "w") as out:
-            proc = start(tmp_path_factory.mktemp("runtime"), ports, exit_timeout=3, stdout=out, stderr=subprocess.STDOUT)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tritonserver exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{ports.http}/v2/models/alit/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(log.read_text()[-3000:])
-        time.sleep(0.3)
+    env = {"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"), "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
+    proc = start_ready(tmp_path_factory.mktemp("runtime"), ports, tmp_path_factory.mktemp("triton") / "tritonserver.log",
+                       extra_env=env, timeout=120, exit_timeout=3)
     yield ports
     proc.terminate()
     try:
