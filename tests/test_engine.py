@@ -18,7 +18,7 @@ from service.engine import (
     StepFailed,
     Target,
 )
-from service.engine.scheduler import split_on_oom
+from service.engine.scheduler import ItemFailed, split_run
 from service.model.alit import quality
 from service.model.checkpoint import LoadedModel, load_model
 
@@ -179,6 +179,39 @@ def test_failing_step_fails_only_its_images(loaded, images):
     assert [g.num_tokens for g in good] == [64, 64, 64] and ready
 
 
+@pytest.mark.parametrize("halting", [True, False])
+def test_a_poison_image_fails_alone_and_its_batch_mates_get_their_results(loaded, images, halting):
+    """A model call that raises is retried on halves until the image that causes it is alone: it
+    fails; the seven images it shared steps with finish exactly as they would have without it."""
+    targets = [Target(tokens=96), Target(max_l1=0.3), Target(min_psnr=5.0), Target(tokens=256)]
+
+    async def go(poison: bool):
+        eng = Engine(loaded, EngineSettings(devices="cpu", warmup=False, halting=halting)).start()
+        calls = []
+
+        def hook(jobs):
+            calls.append(len(jobs))
+            if any(j.tag == "poison" for j in jobs) and len(calls) > 2:  # fails from its second step on
+                raise RuntimeError("poison pixels")
+
+        eng.workers[0].scheduler.fault_hook = hook
+        try:
+            jobs = [eng.tokenize(images[i % len(images)], targets[i % 4], tag="poison" if poison and i == 3 else None)
+                    for i in range(8)]
+            return await asyncio.gather(*jobs, return_exceptions=True), max(calls)
+        finally:
+            eng.shutdown()
+
+    got, widest = run(go(poison=True))
+    want, _ = run(go(poison=False))
+    assert widest == 8  # they really shared calls
+    assert isinstance(got[3], StepFailed) and "poison pixels" in str(got[3])
+    for i in (0, 1, 2, 4, 5, 6, 7):
+        assert not isinstance(got[i], BaseException), got[i]
+        np.testing.assert_array_equal(got[i].token_ids, want[i].token_ids)
+        assert got[i].iterations == want[i].iterations and got[i].l1 == want[i].l1
+
+
 def test_cancelled_request_frees_its_slot(loaded, images):
     async def go():
         eng = Engine(loaded, EngineSettings(devices="cpu", warmup=False)).start()
@@ -228,7 +261,7 @@ def test_reconstruct_equals_model_decode(loaded, images):
         assert torch.allclose(px, want, atol=1e-5)
 
 
-def test_split_on_oom_halves_until_it_fits():
+def test_split_run_halves_until_it_fits():
     calls = []
 
     def fn(items):
@@ -237,7 +270,16 @@ def test_split_on_oom_halves_until_it_fits():
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return [x * 2 for x in items]
 
-    assert split_on_oom(fn, list(range(7))) == [x * 2 for x in range(7)]
+    assert split_run(fn, list(range(7))) == [x * 2 for x in range(7)]
     assert calls[0] == 7 and max(calls[1:]) <= 4
-    with pytest.raises(ValueError):
-        split_on_oom(lambda items: (_ for _ in ()).throw(ValueError("not oom")), [1, 2])
+
+
+def test_split_run_isolates_the_item_that_fails():
+    def fn(items):
+        if 5 in items:
+            raise ValueError("poison")
+        return [x * 2 for x in items]
+
+    out = split_run(fn, list(range(8)))
+    assert [o for i, o in enumerate(out) if i != 5] == [x * 2 for x in range(8) if x != 5]
+    assert isinstance(out[5], ItemFailed) and str(out[5].error) == "poison"

@@ -34,18 +34,23 @@ def test_hostile_corpus_gets_the_documented_answers(start_server):
     assert "Traceback" not in srv.log.read_text()
 
 
-def test_a_failing_step_fails_only_its_images_with_a_5xx_that_says_so(start_server):
+def test_a_poison_image_fails_alone_with_a_5xx_that_says_so(start_server):
+    """The tagged image makes every model call it is in raise; the images sharing its steps get 200."""
     srv = start_server(fault_injection="true")
     photo = next((ROOT / "tests/fixtures/alit-reference/images").rglob("*.png")).read_bytes()
-    bad = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", photo)}, data={"tokens": "64"},
-                     headers={"X-Alit-Fault": "step"}, timeout=60)
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            def post(tokens: int, poison: bool = False):
+                return c.post(srv.url + "/v1/tokenize", files={"file": ("a.png", photo if poison else _png(tokens))},
+                              data={"tokens": str(tokens)}, headers={"X-Alit-Fault": "step"} if poison else {})
+            return await asyncio.gather(post(64, poison=True), *[post(32 * n) for n in range(1, 8)])
+
+    bad, *good = asyncio.run(go())
     assert bad.status_code == 500
     err = bad.json()["error"]
     assert err["code"] == "inference_failed" and "injected fault" in err["message"]
-    for n in range(3):
-        ok = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", photo)}, data={"tokens": str(32 * (n + 1))},
-                        timeout=60)
-        assert ok.status_code == 200
+    assert [r.status_code for r in good] == [200] * 7
     assert httpx.get(srv.url + "/readyz").status_code == 200
     assert srv.metric("alit_rejected_total", reason="step_failed") == 1
 

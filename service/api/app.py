@@ -97,7 +97,7 @@ def build_state(settings: Settings) -> ServiceState:
 
 
 def _inject_fault(jobs) -> None:
-    """ALIT_FAULT_INJECTION (tests only): a step holding a job tagged "fault" raises."""
+    """ALIT_FAULT_INJECTION (tests only): every model call holding a job tagged "fault" raises."""
     if any(j.tag == "fault" for j in jobs):
         raise RuntimeError("injected fault (X-Alit-Fault: step)")
 

@@ -156,7 +156,8 @@ class TritonEngine:
         served = result.as_numpy("MODEL_FINGERPRINT")
         served = served.reshape(-1)[0].decode() if served is not None else "(none)"
         if served != self.loaded.fingerprint:
-            self._ready, self._problem = False, (f"Triton serves another model (fingerprint {served[:12]}) than this service loaded "
+            self._ready = False
+            self._problem = (f"Triton serves another model (fingerprint {served[:12]}) than this service loaded "
                              f"({self.loaded.fingerprint[:12]}); point ALIT_MODEL at the same weights for both")
             raise EngineUnavailable(self._problem)
         out = {k: result.as_numpy(k) for k in ("TOKEN_IDS", "ITERATIONS", "L1", "PSNR", "TARGET_MET", "IS_FINAL")}

@@ -131,17 +131,29 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def split_on_oom(fn: Callable[[list], list], items: list) -> list:
-    """fn(items); when it runs out of memory, the same on each half (recursively) and concatenate."""
+class ItemFailed:
+    """In a `split_run` result list: this item's computation raised even when run on its own."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def split_run(fn: Callable[[list], list], items: list) -> list:
+    """fn(items) -> one result per item. When it raises, the same on each half, recursively: a batch
+    that runs out of memory is split until it fits, and an image that makes the model fail ends up
+    alone, where its failure becomes an `ItemFailed` in its place, so its batch-mates still get
+    their results. Safe because every model call commits no state unless it succeeds."""
     try:
         return fn(items)
     except Exception as e:
-        if not _is_oom(e) or len(items) < 2:
-            raise
-        if torch.cuda.is_available():
+        if len(items) < 2:
+            return [ItemFailed(e)]
+        if _is_oom(e) and torch.cuda.is_available():
             torch.cuda.empty_cache()
         mid = len(items) // 2
-        return split_on_oom(fn, items[:mid]) + split_on_oom(fn, items[mid:])
+        return split_run(fn, items[:mid]) + split_run(fn, items[mid:])
 
 
 class Scheduler:
@@ -152,7 +164,7 @@ class Scheduler:
         self.observer = observer
         self.limits = ModelLimits(model.cfg.tokens_per_iter, model.cfg.max_iters)
         self.active: list[TokenizeJob] = []
-        self.fault_hook: Callable[[list[Job]], None] | None = None  # tests inject step failures
+        self.fault_hook: Callable[[list[Job]], None] | None = None  # tests inject model-call failures
         self.steps = 0
         self.step_time = 0.05  # EWMA of step wall time, seconds (for Retry-After estimates)
         self.images_admitted = 0
@@ -198,15 +210,13 @@ class Scheduler:
             return
         try:
             with torch.inference_mode(), self._precision():
-                if self.fault_hook is not None:
-                    self.fault_hook(in_step)
                 if tok_new:
                     self._admit(tok_new)
                 stepped = list(self.active)
                 self._iterate(stepped)
                 if rec_new:
                     self._reconstruct(rec_new)
-        except Exception as e:  # fail exactly the images of this step; the worker keeps serving
+        except Exception as e:  # not a model call (those fail per image): fail this step's images
             err = StepFailed(f"inference step failed on {self.device}: {type(e).__name__}: {e}")
             for j in in_step:
                 if not j.future.done():
@@ -234,16 +244,38 @@ class Scheduler:
             return False
         return True
 
+    def _call(self, fn: Callable[[list], list], jobs: list) -> list:
+        """One model call over `jobs` (split on failure, see `split_run`); a job whose part failed on
+        its own is failed here and left out: returns (job, result) pairs for the rest."""
+        def guarded(js):
+            if self.fault_hook is not None:
+                self.fault_hook(js)
+            return fn(js)
+
+        out = []
+        for j, r in zip(jobs, split_run(guarded, jobs)):
+            if isinstance(r, ItemFailed):
+                self._fail(j, r.error)
+            else:
+                out.append((j, r))
+        return out
+
+    def _fail(self, j: Job, e: BaseException) -> None:
+        j.fail(StepFailed(f"inference failed for this image on {self.device}: {type(e).__name__}: {e}"))
+        self.observer.rejected("step_failed")
+        if isinstance(j, TokenizeJob):
+            j.state = None
+            self.active = [a for a in self.active if a is not j]
+
     def _admit(self, jobs: list[TokenizeJob]) -> None:
-        images = torch.stack([j.image for j in jobs]).to(self.device)
         with self._stage(0, "prepare"):
-            states = split_on_oom(lambda ims: self.model.prepare(torch.stack(ims)), list(images))
+            admitted = self._call(lambda js: self.model.prepare(torch.stack([j.image for j in js]).to(self.device)), jobs)
         t = time.monotonic()
-        for j, s in zip(jobs, states):
+        for j, s in admitted:
             j.state = s
             j.compute_started = t
-        self.active.extend(jobs)
-        self.images_admitted += len(jobs)
+            self.active.append(j)
+        self.images_admitted += len(admitted)
 
     def _cohorts(self, jobs: list[TokenizeJob]) -> list[tuple[int, list[TokenizeJob]]]:
         """(iteration label, jobs) groups: one per iteration (cohort mode) or all at once (padded)."""
@@ -259,23 +291,28 @@ class Scheduler:
         measure_all = self.settings.policy == "reference"
         done: list[TokenizeJob] = []
         for it, group in self._cohorts(jobs):
-            outs: list[StepOutput] = split_on_oom(lambda js, it=it: self.model.advance(
+            stepped = self._call(lambda js, it=it: self.model.advance(
                 [j.state for j in js], halting=halting, stage_timer=lambda name: self._stage(it, name)), group)
-            need = [(j, o) for j, o in zip(group, outs) if measure_all or j.target.needs_quality]
+            outs: dict[int, StepOutput] = {id(j): o for j, o in stepped}
+            need = [j for j, _ in stepped if measure_all or j.target.needs_quality]
+            if need and not halting:  # with halting, advance() decoded the logits already
+                with self._stage(it, "decoder"):
+                    decoded = self._call(
+                        lambda js: list(self.model.decode_logits([outs[id(j)].token_ids for j in js])), need)
+                for j, logits in decoded:
+                    outs[id(j)].logits = logits
+                need = [j for j, _ in decoded]
             metrics: dict[int, tuple[float, float]] = {}
             if need:
-                if halting:
-                    logits = torch.stack([o.logits for _, o in need])
-                else:
-                    with self._stage(it, "decoder"):
-                        logits = self.model.decode_logits([o.token_ids for _, o in need])
                 with self._stage(it, "quality"):
-                    l1, psnr = self._measure(logits, torch.stack([j.state.image for j, _ in need]))
-                for (j, _), a, b in zip(need, l1.tolist(), psnr.tolist()):
-                    metrics[id(j)] = (a, b)
+                    measured = self._call(lambda js: self._measure(js, outs), need)
+                for j, m in measured:
+                    metrics[id(j)] = m
                     j.pixel_decodes += 1
-                self.pixel_decodes += len(need)
-            for j, o in zip(group, outs):
+                self.pixel_decodes += len(measured)
+            for j, o in stepped:
+                if j.future.done():  # its decode or measurement failed
+                    continue
                 l1_, psnr_ = metrics.get(id(j), (None, None))
                 if self._record(j, o, l1_, psnr_):
                     done.append(j)
@@ -285,13 +322,11 @@ class Scheduler:
             for j in done:
                 self._retire(j)
 
-    def _measure(self, logits: torch.Tensor, images: torch.Tensor):
-        def run(idx: list[int]):
-            rec = self.model.reconstruct(logits[idx])
-            return list(zip(*quality(rec, images[idx])))
-
-        pairs = split_on_oom(run, list(range(logits.shape[0])))
-        return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    def _measure(self, jobs: list[TokenizeJob], outs: dict[int, StepOutput]) -> list[tuple[float, float]]:
+        """(L1, PSNR) of each image's reconstruction from its step's logits."""
+        rec = self.model.reconstruct(torch.stack([outs[id(j)].logits for j in jobs]))
+        l1, psnr = quality(rec, torch.stack([j.state.image for j in jobs]))
+        return list(zip(l1.tolist(), psnr.tolist()))
 
     def _record(self, j: TokenizeJob, o: StepOutput, l1: float | None, psnr: float | None) -> bool:
         """Store this iteration's outcome; True when the image is done."""
@@ -343,9 +378,12 @@ class Scheduler:
 
     def _reconstruct(self, jobs: list[ReconstructJob]) -> None:
         with self._stage(0, "decoder"):
-            logits = split_on_oom(lambda js: list(self.model.decode_logits([j.token_ids for j in js])), jobs)
+            logits = {id(j): lg for j, lg in self._call(
+                lambda js: list(self.model.decode_logits([j.token_ids for j in js])), jobs)}
+        decoded = [j for j in jobs if id(j) in logits]
         with self._stage(0, "pixels"):
-            pixels = split_on_oom(lambda ls: list(self.model.reconstruct(torch.stack(ls))), logits)
-        for j, p in zip(jobs, pixels):
+            pixels = self._call(lambda js: list(self.model.reconstruct(torch.stack([logits[id(j)] for j in js]))),
+                                decoded) if decoded else []
+        for j, p in pixels:
             j.resolve(p.clamp(0, 1).to("cpu"))
 

@@ -76,8 +76,9 @@ class TritonPythonModel:
         for name, field in TARGET_INPUTS.items():
             t = pb_utils.get_input_tensor_by_name(request, name)
             v = None if t is None else t.as_numpy().reshape(-1)[0].item()
-            if v is not None and not (isinstance(v, float) and math.isnan(v)) and v != 0:
-                spec[field] = v  # NaN / 0 mean "not set", like an absent input (see config.pbtxt)
+            unset = v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, int) and v == 0)
+            if not unset:  # NaN (FP32) / 0 (INT32) mean "not set", like an absent input (see config.pbtxt)
+                spec[field] = v
         target = parse_target(spec, self.engine.limits, self.default_target)
         every = pb_utils.get_input_tensor_by_name(request, "ALL_ITERATIONS")
         job = TokenizeJob(image=preprocess(pil, self.size), target=target, still_wanted=_not_cancelled(sender))
