@@ -252,8 +252,11 @@ class Scheduler:
                 self.fault_hook(js)
             return fn(js)
 
+        results = split_run(guarded, jobs)
+        if len(results) != len(jobs):  # a bug, not an image's fault: the step fails
+            raise RuntimeError(f"a model call returned {len(results)} results for {len(jobs)} images")
         out = []
-        for j, r in zip(jobs, split_run(guarded, jobs)):
+        for j, r in zip(jobs, results):
             if isinstance(r, ItemFailed):
                 self._fail(j, r.error)
             else:
