@@ -3,7 +3,7 @@
     python deploy/render_dashboard.py --prometheus http://127.0.0.1:9090 --minutes 10 --out docs/dashboard.png
 
 Each panel becomes a subplot; each of its queries is evaluated with Prometheus's query_range API
-(`$__rate_interval` and `$__range` substituted) and drawn as it would be in Grafana.
+(`$__rate_interval`, `$__range` and `$job` substituted) and drawn as it would be in Grafana.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import httpx
 DASHBOARD = Path(__file__).parent / "grafana" / "dashboards" / "alit.json"
 
 
-def concrete(expr: str, rate_interval: str = "30s", rng: str = "10m") -> str:
-    return expr.replace("$__rate_interval", rate_interval).replace("$__range", rng)
+def concrete(expr: str, rate_interval: str = "30s", rng: str = "10m", job: str = ".*") -> str:
+    """A panel query with Grafana's variables filled in (`job` is a regex: ".*" is Grafana's All)."""
+    return expr.replace("$__rate_interval", rate_interval).replace("$__range", rng).replace("$job", job)
 
 
 def panel_queries(dashboard: dict) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -32,7 +33,7 @@ def legend(fmt: str, labels: dict) -> str:
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), fmt) or json.dumps(labels)
 
 
-def render(prometheus: str, out: str, minutes: float, step: float = 2.0) -> None:
+def render(prometheus: str, out: str, minutes: float, step: float = 2.0, job: str = ".*") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +49,7 @@ def render(prometheus: str, out: str, minutes: float, step: float = 2.0) -> None
     for ax, (title, queries) in zip(axes.flat, panels):
         for expr, fmt in queries:
             r = httpx.get(f"{prometheus}/api/v1/query_range", params={
-                "query": concrete(expr, rng=f"{int(minutes)}m"), "start": start, "end": end, "step": step}, timeout=30)
+                "query": concrete(expr, rng=f"{int(minutes)}m", job=job), "start": start, "end": end, "step": step}, timeout=30)
             for series in r.json()["data"]["result"]:
                 xs = [float(t) - end for t, _ in series["values"]]
                 ys = [float(v) if v not in ("NaN", "+Inf", "-Inf") else float("nan") for _, v in series["values"]]
@@ -70,8 +71,9 @@ def main() -> None:
     p.add_argument("--prometheus", default="http://127.0.0.1:9090")
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--out", default="docs/dashboard.png")
+    p.add_argument("--job", default=".*", help="the dashboard's job variable (a regex; default: all jobs)")
     a = p.parse_args()
-    render(a.prometheus, a.out, a.minutes)
+    render(a.prometheus, a.out, a.minutes, job=a.job)
 
 
 if __name__ == "__main__":

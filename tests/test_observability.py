@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import httpx
@@ -13,6 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import FIXTURE, ROOT, free_port
+
+sys.path.insert(0, str(ROOT / "deploy"))
+from render_dashboard import concrete  # noqa: E402
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "alit.json"
 PHOTOS = sorted((FIXTURE / "images").rglob("*.*"))
@@ -32,15 +36,17 @@ def drive_mixed_traffic(url: str) -> None:
     assert httpx.post(url + "/v1/reconstruct", json={"token_ids": [1]}).status_code == 422
 
 
-def start_prometheus(tmp_path, target_port: int) -> tuple[subprocess.Popen, str]:
+def start_prometheus(tmp_path, targets: dict[str, int]) -> tuple[subprocess.Popen, str]:
+    """A real Prometheus scraping {job name: port on 127.0.0.1} every second."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("PROMETHEUS NOT INSTALLED: `make test` installs Debian's prometheus package when it can "
                     "(apt-get as root); install it to run the dashboard test")
     port = free_port()
     cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: alit-api\n"
-                   f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n")
+    jobs = "".join(f"  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+                   for job, port in targets.items())
+    cfg.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n{jobs}")
     proc = subprocess.Popen([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -63,7 +69,7 @@ def panel_targets() -> list[tuple[str, str]]:
 
 def test_every_dashboard_query_has_data_on_a_real_prometheus(start_server, tmp_path):
     srv = start_server()
-    prom, prom_url = start_prometheus(tmp_path, srv.port)
+    prom, prom_url = start_prometheus(tmp_path, {"alit-api": srv.port})
     try:
         time.sleep(2.5)  # a few scrapes before the traffic, so rate() has a baseline
         drive_mixed_traffic(srv.url)
@@ -72,7 +78,7 @@ def test_every_dashboard_query_has_data_on_a_real_prometheus(start_server, tmp_p
         assert up and up[0]["value"][1] == "1"
         empty = []
         for title, expr in panel_targets():
-            q = expr.replace("$__rate_interval", "30s").replace("$__range", "5m")
+            q = concrete(expr, rng="5m")
             r = httpx.get(prom_url + "/api/v1/query", params={"query": q}).json()
             assert r["status"] == "success", (title, r)
             if not r["data"]["result"]:
@@ -84,6 +90,36 @@ def test_every_dashboard_query_has_data_on_a_real_prometheus(start_server, tmp_p
                         str(ROOT / "deploy" / "render_dashboard.py"), "--prometheus", prom_url, "--minutes", "1",
                         "--out", str(out)], check=True, timeout=120)
         assert out.stat().st_size > 10_000
+    finally:
+        prom.kill()
+        prom.wait()
+
+
+ENGINE_PANELS = {"Encoder latency p95 per iteration", "Stage time per iteration (mean)",
+                 "Step batch size (mean) and step time p95", "Queue wait p95", "Halting iteration distribution",
+                 "Tokens per image (mean, by target kind)", "Targets met", "Worker health", "Errors and rejections"}
+
+
+def test_a_triton_deployment_feeds_the_engine_panels(start_server, triton_ports, tmp_path):
+    """ALIT_ENGINE=triton, Prometheus scraping the API and Triton's metrics port (as deploy/ does):
+    with the dashboard's job variable on `triton`, the engine panels show Triton's own engine."""
+    srv = start_server(engine="triton")
+    prom, prom_url = start_prometheus(tmp_path, {"alit-api": srv.port, "triton": triton_ports.metrics})
+    try:
+        time.sleep(2.5)
+        drive_mixed_traffic(srv.url)
+        time.sleep(4)
+        with_data = set()
+        for title, expr in panel_targets():
+            if title in ENGINE_PANELS:
+                r = httpx.get(prom_url + "/api/v1/query", params={"query": concrete(expr, rng="5m", job="triton")}).json()
+                assert r["status"] == "success", (title, r)
+                if r["data"]["result"]:
+                    with_data.add(title)
+        assert with_data == ENGINE_PANELS, f"engine panels without Triton data: {ENGINE_PANELS - with_data}"
+        executed = httpx.get(prom_url + "/api/v1/query", params={
+            "query": 'sum(nv_inference_exec_count{job="triton"})'}).json()["data"]["result"]
+        assert executed and float(executed[0]["value"][1]) > 0
     finally:
         prom.kill()
         prom.wait()
