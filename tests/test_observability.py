@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import httpx
@@ -15,8 +14,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import FIXTURE, ROOT, free_port
 
-sys.path.insert(0, str(ROOT / "deploy"))
-from render_dashboard import concrete  # noqa: E402
+
+def _render_dashboard():
+    """deploy/render_dashboard.py, loaded by path (deploy/ on sys.path would make deploy/triton/ shadow
+    the `triton` compiler package torch looks for)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_dashboard", ROOT / "deploy" / "render_dashboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+concrete = _render_dashboard().concrete
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "alit.json"
 PHOTOS = sorted((FIXTURE / "images").rglob("*.*"))
