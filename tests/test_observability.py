@@ -16,8 +16,8 @@ from conftest import FIXTURE, ROOT, free_port
 
 
 def _render_dashboard():
-    """deploy/render_dashboard.py, loaded by path (deploy/ on sys.path would make deploy/triton/ shadow
-    the `triton` compiler package torch looks for)."""
+    """deploy/render_dashboard.py, loaded by path: deploy/ on sys.path could shadow installed packages
+    with its folders (a folder called triton/ once hid the `triton` package torch probes for)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("render_dashboard", ROOT / "deploy" / "render_dashboard.py")
@@ -187,15 +187,15 @@ def test_dockerfile_essentials():
 
 
 def test_triton_image_essentials():
-    """deploy/triton/Dockerfile: NVIDIA's pinned Triton image + CUDA torch + the project + the repository."""
-    df = (ROOT / "deploy" / "triton" / "Dockerfile").read_text()
+    """deploy/triton-image/Dockerfile: NVIDIA's pinned Triton image + CUDA torch + the project + the repository."""
+    df = (ROOT / "deploy" / "triton-image" / "Dockerfile").read_text()
     base = re.search(r"TRITON_IMAGE=(\S+)", df).group(1)
     assert base.startswith("nvcr.io/nvidia/tritonserver:") and "latest" not in base
     assert "download.pytorch.org/whl/cu" in df and "pip install ." in df
     assert "COPY model_repository /models_repo" in df and "--model-repository=/models_repo" in df
     assert "\nUSER " in df and "HEALTHCHECK" in df
     compose = (ROOT / "docker-compose.yml").read_text()
-    assert "dockerfile: deploy/triton/Dockerfile" in compose and "shm_size:" in compose
+    assert "dockerfile: deploy/triton-image/Dockerfile" in compose and "shm_size:" in compose
 
 
 def test_grafana_provisioning_points_at_the_dashboard():
