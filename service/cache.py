@@ -13,7 +13,6 @@ backoff; it comes back by itself when Redis does.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import hashlib
 import logging
@@ -144,8 +143,26 @@ class MemoryCache:
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
 
+    # leases (cross-process single-flight): one process, nothing to coordinate with
+    async def acquire_lease(self, key: str, token: str, ttl_s: float) -> bool | None:
+        return None
+
+    async def renew_lease(self, key: str, token: str, ttl_s: float) -> None:
+        return None
+
+    async def release_lease(self, key: str, token: str) -> None:
+        return None
+
+    async def lease_held(self, key: str) -> bool | None:
+        return None
+
     async def close(self) -> None:
         self._data.clear()
+
+
+# Renew / release a lease only while it still holds our token (it may have expired and been taken).
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 class RedisCache:
@@ -207,29 +224,26 @@ class RedisCache:
     async def ping(self) -> bool:
         return bool(await self._call(self._redis.ping))
 
+    # ----- leases: cross-process single-flight (service/flights.py) -------------------------------
+    # A lease is `PREFIX lease: KEY` = a random token, with a TTL. Results: True/False, or None when
+    # Redis is unavailable (the caller then falls back to per-process single-flight).
+    async def acquire_lease(self, key: str, token: str, ttl_s: float) -> bool | None:
+        name = self.prefix + "lease:" + key
+        out = await self._call(lambda: self._redis.set(name, token, px=int(ttl_s * 1000), nx=True))
+        return bool(out) if self.available else None
+
+    async def renew_lease(self, key: str, token: str, ttl_s: float) -> None:
+        await self._call(self._redis.eval, _RENEW, 1, self.prefix + "lease:" + key, token, int(ttl_s * 1000))
+
+    async def release_lease(self, key: str, token: str) -> None:
+        await self._call(self._redis.eval, _RELEASE, 1, self.prefix + "lease:" + key, token)
+
+    async def lease_held(self, key: str) -> bool | None:
+        out = await self._call(self._redis.exists, self.prefix + "lease:" + key)
+        return bool(out) if self.available else None
+
     async def close(self) -> None:
         await self._redis.aclose()
-
-
-class SingleFlight:
-    """Concurrent identical misses compute once: followers await the leader's outcome."""
-
-    def __init__(self):
-        self._inflight: dict[str, asyncio.Future] = {}
-
-    def leader(self, key: str) -> asyncio.Future | None:
-        """None if the caller leads (and must call `done`); else the leader's future to await,
-        which yields the leader's result (None if it failed)."""
-        fut = self._inflight.get(key)
-        if fut is not None:
-            return fut
-        self._inflight[key] = asyncio.get_running_loop().create_future()
-        return None
-
-    def done(self, key: str, result=None) -> None:
-        fut = self._inflight.pop(key, None)
-        if fut is not None and not fut.done():
-            fut.set_result(result)
 
 
 def make_cache(redis_url: str | None, **kw) -> MemoryCache | RedisCache:

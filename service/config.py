@@ -10,17 +10,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pathlib import Path
 
-# The trained default model shipped in weights/ (see weights/MODEL_CARD.md); a random-weight preset
-# where it is absent (an installed package without the source tree).
-SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
-DEFAULT_MODEL = str(SHIPPED_WEIGHTS) if (SHIPPED_WEIGHTS / "model.safetensors").is_file() else "preset:test_tiny"
+
+def shipped_weights() -> Path:
+    """The trained default model (service/weights/, see its MODEL_CARD.md). It is package data, so a
+    checkout, an editable install and a wheel all find it here; random weights only come from an
+    explicit `ALIT_MODEL=preset:...`, and a missing folder stops start-up (see `check_model`)."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+SHIPPED_WEIGHTS = shipped_weights()
+DEFAULT_MODEL = str(SHIPPED_WEIGHTS)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIT_", extra="ignore")
 
     # model
-    model: str = Field(DEFAULT_MODEL, description="Weights: a .pth/.safetensors file, a directory holding one, or `preset:NAME[:seedN]`; default: the shipped `weights/`.")
+    model: str = Field(DEFAULT_MODEL, description="Weights: a .pth/.safetensors file, a directory holding one, or `preset:NAME[:seedN]`; default: the shipped `service/weights/`.")
     heads: int | None = Field(None, description="Attention heads when they cannot be inferred from the weights.")
     # engine
     engine: str = Field("local", pattern="^(local|triton)$", description="`local`: in-process workers; `triton`: forward tokenization to Triton.")
@@ -45,6 +51,7 @@ class Settings(BaseSettings):
     cache_prefix: str = Field("alit:v1:", description="Key prefix in Redis.")
     cache_ttl_s: int = Field(7 * 86400, ge=1, description="Lifetime of a cached trajectory in Redis.")
     cache_max_entries: int = Field(10_000, ge=1, description="Entries of the in-process LRU (no Redis).")
+    cache_lease_s: float = Field(10.0, gt=0, description="TTL of the Redis lease a replica holds (and renews) while it computes a miss; others wait for its result, or take over once it expires.")
     # security and lifecycle
     api_keys: str = Field("", description="Comma-separated API keys; empty = no authentication.")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty = CORS off.")

@@ -18,7 +18,7 @@ from service.training.evaluate import choose_threshold, halting_iterations, spea
 from service.training.forward import soft_code_grid, unroll
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "weights"
+WEIGHTS = ROOT / "service" / "weights"
 HELDOUT = ROOT / "tests" / "fixtures" / "alit-reference" / "images"
 
 
@@ -117,7 +117,7 @@ def test_evaluate_writes_metrics_and_picture(tmp_path):
     assert im.size == (2 * (9 * 66 + 2), 2 * (2 * 66 + 2))
 
 
-needs_weights = pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(), reason="no shipped weights/")
+needs_weights = pytest.mark.skipif(not (WEIGHTS / "model.safetensors").is_file(), reason="no shipped service/weights/")
 
 
 @pytest.fixture(scope="module")

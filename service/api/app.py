@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from contextlib import asynccontextmanager
@@ -92,8 +94,27 @@ def build_state(settings: Settings) -> ServiceState:
     cache.on_error = metrics.cache_errors.inc
     metrics.cache_available.set_function(lambda: 1.0 if cache.available else 0.0)
     halting_tag = f"halting=on:thr={cfg.halting_threshold}" if settings.halting else "halting=off"
-    pipeline = TokenizePipeline(engine, cache, halting_tag, observer=metrics)
+    pipeline = TokenizePipeline(engine, cache, halting_tag, observer=metrics, lease_ttl_s=settings.cache_lease_s)
     return ServiceState(settings, engine, cache, pipeline, Target(max_l1=settings.default_max_l1), model_ref, metrics)
+
+
+def _load_in_background(app: FastAPI, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+    """Build the service state off the event loop; publish it (or the failure) on the loop."""
+    try:
+        svc = build_state(settings)
+    except Exception as e:  # start-up failed: the server exits non-zero with this message
+        log.exception("start-up failed")
+        loop.call_soon_threadsafe(setattr, app.state, "startup_error", f"{type(e).__name__}: {e}")
+        return
+
+    def publish():
+        if app.state.stopping:  # a shutdown signal arrived while loading: do not start serving
+            threading.Thread(target=svc.engine.shutdown, daemon=True).start()
+            return
+        app.state.svc = svc
+        log.info("ready: model %s (%s)", svc.model_ref["id"], svc.model_ref["fingerprint"][:16])
+
+    loop.call_soon_threadsafe(publish)
 
 
 def _inject_fault(jobs) -> None:
@@ -173,14 +194,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.svc = build_state(settings)
-        log.info("ready: model %s (%s)", app.state.svc.model_ref["id"], app.state.svc.model_ref["fingerprint"][:16])
+        # The port opens at once: the model loads and warms on a daemon thread (so a shutdown during
+        # start-up never waits for it); /readyz says `starting` until app.state.svc is set.
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=_load_in_background, args=(app, settings, loop), name="alit-load", daemon=True).start()
         try:
             yield
         finally:
             svc = app.state.svc
-            svc.engine.shutdown()
-            await svc.cache.close()
+            if svc is not None:
+                svc.engine.shutdown()
+                await svc.cache.close()
 
     app = FastAPI(
         title="alit-serve", version="0.1.0", lifespan=lifespan,
@@ -188,7 +212,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "meeting each image's quality target out; tokens in, images out.",
     )
     app.state.settings = settings
-    app.state.svc = None
+    app.state.svc = None  # set by the background load; None = starting
+    app.state.startup_error = ""  # why the background load failed ("" while fine)
+    app.state.stopping = False  # set by the server on the first shutdown signal
     app.state.api_keys = [k.encode() for k in settings.key_list()]
     errors.install(app)
     app.include_router(router)

@@ -1,4 +1,5 @@
-"""The path of one image through the service: cache lookup, single-flight, engine, cache merge."""
+"""The path of one image through the service: cache lookup, single-flight (in this process and
+across replicas, service/flights.py), engine, cache merge."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Callable
 
 import torch
 
-from ..cache import SingleFlight, Trajectory, cache_key
-from ..engine import Engine, IterationRecord, Target
+from ..cache import Trajectory, cache_key
+from ..engine import IterationRecord, Target
+from ..flights import LocalFlights, ReplicaFlights
 
 
 @dataclass
@@ -23,12 +25,13 @@ class Outcome:
 
 
 class TokenizePipeline:
-    def __init__(self, engine: Engine, cache, halting_tag: str, observer=None):
+    def __init__(self, engine, cache, halting_tag: str, observer=None, lease_ttl_s: float = 10.0):
         self.engine = engine
         self.cache = cache
         self.fingerprint = engine.loaded.fingerprint
         self.halting_tag = halting_tag
-        self.flights = SingleFlight()
+        self.flights = LocalFlights()
+        self.replicas = ReplicaFlights(cache, lease_ttl_s)
         self.observer = observer
 
     def _event(self, kind: str) -> None:
@@ -53,9 +56,21 @@ class TokenizePipeline:
             if stored is None or stored.lookup(target, limits) is None:
                 # the leader's run cannot answer this target: compute it without single-flight
                 return await self._compute(key, image, target, deadline, progress, tag, lead=False)
-        return await self._compute(key, image, target, deadline, progress, tag, lead=True)
+        # this process leads for the key; another replica may already be computing it
+        try:
+            lease, stored = await self.replicas.lead_or_wait(
+                key, lambda t: t.lookup(target, limits) is not None, deadline)
+        except BaseException:
+            self.flights.done(key, None)
+            raise
+        if stored is not None:
+            self.flights.done(key, stored)
+            self.cache.stats.hits += 1
+            self._event("hit")
+            return self._from_trajectory(stored, stored.lookup(target, limits), progress)
+        return await self._compute(key, image, target, deadline, progress, tag, lead=True, lease=lease)
 
-    async def _compute(self, key, image, target, deadline, progress, tag, lead: bool) -> Outcome:
+    async def _compute(self, key, image, target, deadline, progress, tag, lead: bool, lease=None) -> Outcome:
         self.cache.stats.misses += 1
         self._event("miss")
         trajectory = None
@@ -64,6 +79,8 @@ class TokenizePipeline:
             trajectory = Trajectory().merge(r.trajectory)
             await self.cache.merge(key, r.trajectory)
         finally:
+            if lease is not None:
+                await lease.release()
             if lead:
                 self.flights.done(key, trajectory)
         chosen = next(x for x in r.trajectory if x.iteration == r.selected_iteration)

@@ -57,7 +57,10 @@ TOKENIZE_BODY = {
 
 
 def _state(request: Request):
-    return request.app.state.svc
+    svc = request.app.state.svc
+    if svc is None:  # the model is still loading (the port opens before it is ready)
+        raise ApiError(503, "starting", "the model is loading; retry shortly", None, {"Retry-After": "5"})
+    return svc
 
 
 async def not_draining(request: Request) -> None:
@@ -323,9 +326,15 @@ async def metrics(request: Request):
     return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/healthz", tags=["ops"])
-async def healthz():
-    """The process is alive."""
+@router.get("/healthz", tags=["ops"], responses={503: {"model": ErrorResponse}})
+async def healthz(request: Request):
+    """Liveness: 200 from the moment the port opens (also while the model loads); 503 once a worker
+    thread has died or start-up failed, so the orchestrator restarts the process."""
+    state = request.app.state
+    if state.startup_error:
+        return JSONResponse(error_body("unhealthy", f"start-up failed: {state.startup_error}"), status_code=503)
+    if state.svc is not None and not state.svc.engine.live:
+        return JSONResponse(error_body("unhealthy", state.svc.engine.problem or "a worker thread died"), status_code=503)
     return {"status": "ok"}
 
 
@@ -334,7 +343,8 @@ async def readyz(request: Request):
     """Model loaded, workers warm and healthy, not draining."""
     svc = getattr(request.app.state, "svc", None)
     if svc is None:
-        return JSONResponse(error_body("starting", "the model is loading"), status_code=503)
+        why = f"start-up failed: {request.app.state.startup_error}" if request.app.state.startup_error else "the model is loading"
+        return JSONResponse(error_body("starting", why), status_code=503)
     if svc.draining:
         return JSONResponse(error_body("draining", "shutting down; finishing in-flight requests"), status_code=503)
     if not svc.engine.ready:

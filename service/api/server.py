@@ -1,22 +1,49 @@
-"""Run the app under uvicorn with a graceful drain on SIGTERM / SIGINT.
+"""Run the app under uvicorn: the port opens at once, a graceful drain on SIGTERM / SIGINT, a bounded exit.
+
+Start-up: the weights are checked before the port opens (missing weights stop start-up with a
+message naming what was tried); loading and warm-up then run in the background (`/healthz` 200,
+`/readyz` 503 `starting`). A load that fails makes the process exit 1.
 
 First signal: readiness turns 503 and new requests are refused (503 `draining`), while requests that
 arrived before it, queued or computing, finish (up to `ALIT_DRAIN_SECONDS`); then uvicorn stops.
-A second signal exits at once.
+A second signal exits at once. Whatever happens, the process is gone `shutdown_bound(settings)`
+seconds (`ALIT_DRAIN_SECONDS` + 10) after the first signal: the number grace periods must exceed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
-from ..config import Settings
+from ..config import SHIPPED_WEIGHTS, Settings
 from .app import create_app
 
 log = logging.getLogger("alit.server")
+SHUTDOWN_MARGIN_S = 10.0  # after the drain: uvicorn's connection close (5 s) and the engine's worker joins
+
+
+def shutdown_bound(settings: Settings) -> float:
+    """Worst-case seconds from the first shutdown signal to process exit (enforced by a watchdog)."""
+    return settings.drain_seconds + SHUTDOWN_MARGIN_S
+
+
+def model_problem(spec: str) -> str:
+    """Why `spec` cannot name weights ("" when it can): a cheap check before the port opens."""
+    if spec.startswith("preset:"):
+        return ""
+    path = Path(spec)
+    if path.is_file() or (path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.pth")))):
+        return ""
+    what = "the packaged default model (ALIT_MODEL unset)" if path == SHIPPED_WEIGHTS else f"ALIT_MODEL={spec}"
+    found = "a folder without a .safetensors or .pth file" if path.is_dir() else "no such file or folder"
+    return (f"model weights not found: {what}; tried {path.resolve()}: {found}. Set ALIT_MODEL to a weights "
+            "file or folder, or ALIT_MODEL=preset:NAME for random weights")
 
 
 class DrainingServer(uvicorn.Server):
@@ -26,7 +53,14 @@ class DrainingServer(uvicorn.Server):
         self._drain_task: asyncio.Task | None = None
 
     def handle_exit(self, sig, frame) -> None:
-        svc = getattr(self.fastapi_app.state, "svc", None)
+        state = self.fastapi_app.state
+        if not state.stopping:
+            state.stopping = True
+            bound = shutdown_bound(state.settings)
+            watchdog = threading.Timer(bound, _exit_now, args=(bound,))
+            watchdog.daemon = True
+            watchdog.start()
+        svc = state.svc
         if self._drain_task is not None or svc is None:
             return super().handle_exit(sig, frame)  # second signal, or nothing to drain: stop now
         svc.start_draining()
@@ -43,8 +77,26 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+    async def on_tick(self, counter: int) -> bool:
+        if self.fastapi_app.state.startup_error:  # the background load failed: stop serving
+            return True
+        return await super().on_tick(counter)
+
+
+def _exit_now(bound: float) -> None:
+    log.error("shutdown took longer than %.0fs: exiting now", bound)
+    logging.shutdown()
+    os._exit(1)
+
+
 def serve(settings: Settings) -> None:
+    problem = model_problem(settings.model)
+    if problem:
+        raise SystemExit(problem)
     app = create_app(settings)
+    # The drain already waited for requests; what is left gets 5 s before uvicorn closes it.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=max(1, int(settings.drain_seconds)))
+                            timeout_graceful_shutdown=5)
     DrainingServer(config, app).run()
+    if app.state.startup_error:
+        raise SystemExit(f"start-up failed: {app.state.startup_error}")

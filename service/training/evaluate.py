@@ -176,7 +176,7 @@ def load_any(path: str) -> ALIT:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="alit-serve evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", help="folder of images (searched recursively)")
-    p.add_argument("--model", default="weights", help="weights directory / file / preset:NAME (default: weights)")
+    p.add_argument("--model", default="service/weights", help="weights directory / file / preset:NAME (default: service/weights)")
     p.add_argument("--out", default=None, help="folder for metrics.json and grid.png (default: print only + ./evaluate-out)")
     p.add_argument("--picture", default=None, help="path of the PNG grid (default: OUT/grid.png)")
     p.add_argument("--no-halting", action="store_true", help="run without 2D-token halting")

@@ -1,6 +1,6 @@
 """`alit-serve train`: the whole default-model recipe, seeded and resumable.
 
-    python -m service.training train --run runs/default --export weights
+    python -m service.training train --run runs/default --export service/weights
 
 runs, in order (each stage checkpoints into --run and resumes from there when re-run):
   data     24k random crops of the scikit-image / scikit-learn sample images (cached .npy)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="alit-serve train", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/default", help="checkpoints, logs, data cache (resumes from here)")
-    p.add_argument("--export", default="weights", help="where to write the trained model directory")
+    p.add_argument("--export", default="service/weights", help="where to write the trained model directory")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--until", choices=["1", "2", "3"], default="3", help="stop after this stage")
