@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "alit-reference"
+SLOW_MODEL = ROOT / "tests" / "slow_model"  # sitecustomize with test-only slowdowns (see its docstring)
 CLI = [sys.executable, "-m", "service.cli"]
 
 torch.set_num_threads(int(os.environ.get("ALIT_TEST_THREADS", min(2, torch.get_num_threads()))))
@@ -213,17 +214,20 @@ def start_server(tmp_path, request):
     real tritonserver."""
     servers: list[Server] = []
 
-    def start(wait: str = "/readyz", **settings) -> Server:
-        """wait: the path that must answer 200 before the server counts as started."""
+    def start(wait: str = "/readyz", env: dict | None = None, **settings) -> Server:
+        """wait: the path that must answer 200 before the server counts as started; env: more variables
+        (e.g. PYTHONPATH with tests/slow_model first, for its test-only slowdowns)."""
         if "engine" in request.fixturenames:  # a test run once per engine (the `engine` fixture)
             settings.setdefault("engine", request.getfixturevalue("engine"))
         if settings.get("engine") == "triton":
             settings.setdefault("triton_url", f"127.0.0.1:{request.getfixturevalue('triton_ports').grpc}")
+        env_extra = env or {}
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ALIT_PORT": str(port), "ALIT_DEVICES": "cpu",
                "ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
                "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
         env.update({f"ALIT_{k.upper()}": str(v) for k, v in settings.items()})
+        env.update(env_extra)
         log = tmp_path / f"server-{port}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen([*CLI, "serve"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
