@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("fixture", help="fixture directory (config.json, checkpoint.pth, expected.npz)")
     v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    v.add_argument("--batch-mode", default="cohort", choices=["cohort", "padded"])
+    v.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
     v.set_defaults(func=_verify)
 
     t = sub.add_parser("tokenize", help="tokenize an image with a running server")

@@ -111,7 +111,7 @@ def run_iterations(model: ALIT, images: torch.Tensor, halting: bool = False, thr
     return out
 
 
-def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", batch_mode: str = "cohort") -> Report:
+def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", batch_mode: str = "packed") -> Report:
     fx = Path(fixture)
     cfg = read_config_file(fx / "config.json")
     model = build_model(cfg, read_state_dict(fx / "checkpoint.pth")).to(device)
