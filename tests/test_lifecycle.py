@@ -94,3 +94,20 @@ def test_shutdown_is_bounded_by_drain_plus_ten_seconds(start_server):
     t.join(timeout=30)
     assert elapsed <= 1 + 10 + 1.5, f"exit took {elapsed:.1f}s, bound is ALIT_DRAIN_SECONDS + 10 = 11s"
     assert result["status"] != 200  # it could not finish: cut at the bound, not waited for
+
+
+def test_liveness_fails_once_a_worker_thread_died(start_server):
+    srv = start_server(env=slow_env(ALIT_TEST_WORKER_EXIT="1"))
+    assert httpx.get(srv.url + "/healthz").status_code == 200
+    png = sorted((FIXTURE / "images").rglob("*.png"))[0].read_bytes()
+    try:  # its first step ends the worker thread; the request itself is not the point here
+        httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", png)}, headers={"X-Request-Timeout": "2"},
+                   timeout=5)
+    except httpx.HTTPError:
+        pass
+    deadline = time.monotonic() + 20
+    while httpx.get(srv.url + "/healthz").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = httpx.get(srv.url + "/healthz")
+    assert r.status_code == 503 and "died" in r.json()["error"]["message"], r.text
+    assert httpx.get(srv.url + "/readyz").status_code == 503

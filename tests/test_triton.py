@@ -221,7 +221,10 @@ def test_the_front_answers_503_while_triton_is_unreachable(start_server):
     from conftest import free_port
 
     srv = start_server(engine="triton", triton_url=f"127.0.0.1:{free_port()}", wait="/healthz")
-    ready = httpx.get(srv.url + "/readyz", timeout=5)
+    deadline = time.monotonic() + 30
+    while (ready := httpx.get(srv.url + "/readyz", timeout=5)).json()["error"]["code"] == "starting":
+        assert time.monotonic() < deadline, "the model never finished loading"
+        time.sleep(0.1)
     assert ready.status_code == 503 and "unreachable" in ready.json()["error"]["message"], ready.text
     r = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", PHOTOS[0].read_bytes())}, timeout=60)
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text

@@ -2,7 +2,8 @@
 
 ALIT_TEST_LOAD_GATE=PATH: model loading blocks until PATH exists (a slow-loading model whose end the
 test decides). ALIT_TEST_STEP_DELAY_S=S: every encoder iteration (ALIT.advance) takes S seconds
-longer (a slow computation, so a test can act while one is in flight). Nothing else changes.
+longer (a slow computation, so a test can act while one is in flight). ALIT_TEST_WORKER_EXIT=1: a
+worker thread's first encoder iteration ends the thread. Nothing else changes.
 """
 
 import os
@@ -32,3 +33,17 @@ if os.environ.get("ALIT_TEST_STEP_DELAY_S"):
         return _advance(self, *args, **kw)
 
     _ALIT.advance = _slow_advance
+
+if os.environ.get("ALIT_TEST_WORKER_EXIT"):  # a worker thread ends on its first step (a dead worker)
+    import threading
+
+    from service.model.alit import ALIT as _ALIT2
+
+    _advance2 = _ALIT2.advance
+
+    def _exiting_advance(self, *args, **kw):
+        if threading.current_thread().name.startswith("alit-worker"):
+            raise SystemExit("test: this worker thread ends")  # not an Exception: nothing catches it
+        return _advance2(self, *args, **kw)
+
+    _ALIT2.advance = _exiting_advance
