@@ -79,6 +79,7 @@ def test_a_replica_takes_over_when_the_leader_dies(start_server, shared_redis_ur
         time.sleep(0.5)  # b's requests are waiting on a's lease
         a.proc.send_signal(signal.SIGKILL)  # the leader dies mid-computation
         a.proc.wait(timeout=10)
+        killed = time.monotonic()
         answered = []
         for fut in [first, *on_a]:  # a's clients see the connection drop; a load balancer retries on b
             try:
@@ -86,6 +87,7 @@ def test_a_replica_takes_over_when_the_leader_dies(start_server, shared_redis_ur
             except httpx.HTTPError:
                 answered.append(tokenize(b.url, image))
         answered += [f.result(timeout=60) for f in on_b]
+        print(f"leader killed -> b's 10 waiters answered after {time.monotonic() - killed:.1f}s (lease TTL {LEASE_S}s)")
     assert [r.status_code for r in answered] == [200] * 20, [r.text for r in answered if r.status_code != 200]
     assert len({tuple(r.json()["results"][0]["token_ids"]) for r in answered}) == 1
     assert count((b,), "alit_cache_requests_total", result="miss") - b_misses0 == 1  # b computed once, after a's lease expired, for all of its waiters

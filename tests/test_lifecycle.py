@@ -23,25 +23,25 @@ def test_readyz_says_starting_until_the_model_is_warm(start_server, tmp_path):
     srv = start_server(wait="/healthz", env=slow_env(ALIT_TEST_LOAD_GATE=str(gate)))
     seen = []
     for _ in range(5):  # the port is open and the process alive while the model is not loaded
-        assert httpx.get(srv.url + "/healthz").status_code == 200
-        r = httpx.get(srv.url + "/readyz")
+        assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
+        r = httpx.get(srv.url + "/readyz", timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "starting", r.text
         seen.append(r.json()["error"]["code"])
         time.sleep(0.1)
     r = httpx.post(srv.url + "/v1/tokenize", json={"images": []})
     assert r.status_code == 503 and r.json()["error"]["code"] == "starting" and "Retry-After" in r.headers
-    assert httpx.get(srv.url + "/v1/models").status_code == 503
+    assert httpx.get(srv.url + "/v1/models", timeout=30).status_code == 503
     gate.touch()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        r = httpx.get(srv.url + "/readyz")
+        r = httpx.get(srv.url + "/readyz", timeout=30)
         if r.status_code == 200:
             break
         assert r.json()["error"]["code"] == "starting", r.text
         time.sleep(0.1)
     assert r.status_code == 200 and r.json()["status"] == "ready", r.text
     assert seen == ["starting"] * 5
-    assert httpx.get(srv.url + "/v1/models").status_code == 200
+    assert httpx.get(srv.url + "/v1/models", timeout=30).status_code == 200
 
 
 def _serve(tmp_path, **env) -> subprocess.CompletedProcess:
@@ -92,13 +92,14 @@ def test_shutdown_is_bounded_by_drain_plus_ten_seconds(start_server):
     srv.proc.wait(timeout=30)
     elapsed = time.monotonic() - started
     t.join(timeout=30)
+    print(f"SIGTERM -> exit: {elapsed:.1f}s (ALIT_DRAIN_SECONDS=1, bound 11s), request: {result['status']}")
     assert elapsed <= 1 + 10 + 1.5, f"exit took {elapsed:.1f}s, bound is ALIT_DRAIN_SECONDS + 10 = 11s"
     assert result["status"] != 200  # it could not finish: cut at the bound, not waited for
 
 
 def test_liveness_fails_once_a_worker_thread_died(start_server):
     srv = start_server(env=slow_env(ALIT_TEST_WORKER_EXIT="1"))
-    assert httpx.get(srv.url + "/healthz").status_code == 200
+    assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
     png = sorted((FIXTURE / "images").rglob("*.png"))[0].read_bytes()
     try:  # its first step ends the worker thread; the request itself is not the point here
         httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", png)}, headers={"X-Request-Timeout": "2"},
@@ -106,8 +107,8 @@ def test_liveness_fails_once_a_worker_thread_died(start_server):
     except httpx.HTTPError:
         pass
     deadline = time.monotonic() + 20
-    while httpx.get(srv.url + "/healthz").status_code == 200 and time.monotonic() < deadline:
+    while httpx.get(srv.url + "/healthz", timeout=30).status_code == 200 and time.monotonic() < deadline:
         time.sleep(0.1)
-    r = httpx.get(srv.url + "/healthz")
+    r = httpx.get(srv.url + "/healthz", timeout=30)
     assert r.status_code == 503 and "died" in r.json()["error"]["message"], r.text
-    assert httpx.get(srv.url + "/readyz").status_code == 503
+    assert httpx.get(srv.url + "/readyz", timeout=30).status_code == 503
