@@ -8,7 +8,8 @@ request is a hit whenever the stored iterations answer its target — whatever t
 Storage: Redis (redis-py asyncio, hiredis parser) when `ALIT_REDIS_URL` is set, else an in-process
 LRU. Records are a compact binary format with a version byte, never pickle. When Redis fails, the
 cache steps aside (requests are served uncached, errors counted) and retries with exponential
-backoff; it comes back by itself when Redis does.
+backoff; it comes back by itself when Redis does. The stores also keep the leases of cross-replica
+single-flight (`service/flights.py`): Redis holds them; the in-process store has no one to share with.
 """
 
 from __future__ import annotations

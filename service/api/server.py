@@ -76,7 +76,6 @@ class DrainingServer(uvicorn.Server):
             log.warning("drain timeout: %d requests still in flight", svc.inflight)
         self.should_exit = True
 
-
     async def on_tick(self, counter: int) -> bool:
         if self.fastapi_app.state.startup_error:  # the background load failed: stop serving
             return True
