@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ..model.alit import ALIT, StepOutput
+from ..model.alit import StepOutput
 from .errors import DeadlineExceeded, StepFailed
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
@@ -30,22 +30,21 @@ from .targets import ModelLimits
 
 
 class Scheduler:
-    def __init__(self, model: ALIT, device: str, policy: Policy, observer: EngineObserver, *,
-                 halting: bool = True, dtype: str = "float32", batch_mode: str = "packed"):
-        self.runner = ModelRunner(model, device, dtype, batch_mode, observer)
-        self.device = device
+    """`runner` executes (a `ModelRunner`, or the benchmark's simulated device); the scheduler only
+    decides and keeps each image's records."""
+
+    def __init__(self, runner: ModelRunner, policy: Policy, observer: EngineObserver, limits: ModelLimits, *,
+                 halting: bool = True):
+        self.runner = runner
+        self.device = runner.device
         self.policy = policy
         self.halting = halting
         self.observer = observer
-        self.limits = ModelLimits(model.cfg.tokens_per_iter, model.cfg.max_iters)
+        self.limits = limits
         self.active: list[TokenizeJob] = []
         self.steps = 0
         self.step_time = 0.05  # EWMA of step wall time, seconds (for Retry-After estimates)
         self.pixel_decodes = 0
-
-    @property
-    def model(self) -> ALIT:
-        return self.runner.model
 
     def capacity(self) -> int:
         return self.policy.capacity(len(self.active))
