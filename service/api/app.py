@@ -75,6 +75,7 @@ def build_state(settings: Settings) -> ServiceState:
     engine_settings = EngineSettings(
         devices=settings.devices, max_batch=settings.max_batch, max_queue=settings.max_queue,
         batch_mode=settings.batch_mode, halting=settings.halting, dtype=settings.dtype, warmup=settings.warmup,
+        admission=settings.admission,
     )
     if settings.engine == "triton":  # Triton tokenizes; this process keeps cache, auth, limits, /reconstruct
         from ..engine.remote import TritonEngine

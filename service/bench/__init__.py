@@ -21,6 +21,11 @@ STRATEGIES = ("reference", "lockstep", "continuous")
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "alit-reference" / "images"
 
 
+FULL = {"saturation_requests": 256, "reference_requests": 48, "poisson_requests": 200,
+        "load_fractions": [0.3, 0.5, 0.7, 0.9]}
+QUICK = {"saturation_requests": 128, "reference_requests": 24, "poisson_requests": 96, "load_fractions": [0.4, 0.7]}
+
+
 def _progress(msg: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
 
@@ -183,13 +188,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay", type=float, default=0.010, help="lock-step batcher's max queue delay (s)")
     p.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
-    p.add_argument("--admission", default="measured", choices=["measured", "max_batch"])
+    p.add_argument("--admission", default="max_batch", choices=["max_batch", "measured"],
+                   help="continuous batching's in-flight limit: max_batch, or the knee of a cost curve measured at warm-up")
     p.add_argument("--no-halting", action="store_true", help="turn 2D-token halting off")
     p.add_argument("--crops", type=int, default=24)
-    p.add_argument("--saturation-requests", type=int, default=256)
-    p.add_argument("--reference-requests", type=int, default=48)
-    p.add_argument("--poisson-requests", type=int, default=200)
-    p.add_argument("--load-fractions", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--saturation-requests", type=int, help="default 256 (--quick: 128)")
+    p.add_argument("--reference-requests", type=int, help="default 48 (--quick: 24)")
+    p.add_argument("--poisson-requests", type=int, help="default 200 (--quick: 96)")
+    p.add_argument("--load-fractions", type=float, nargs="+", help="of lock-step's saturation throughput; "
+                   "default 0.3 0.5 0.7 0.9 (--quick: 0.4 0.7)")
     p.add_argument("--flops", action="store_true", help="count FLOPs and report utilisation against a measured matmul peak")
     p.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the simulated-device runs")
     p.add_argument("--sim-saturation", type=int, nargs="+", default=[8, 32, 128])
@@ -199,9 +206,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.quick:
-        args.saturation_requests, args.reference_requests, args.poisson_requests = 128, 24, 96
-        args.load_fractions = [0.4, 0.7]
+    defaults = QUICK if args.quick else FULL
+    for k, v in defaults.items():  # what the command line did not set
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = set(args.strategies) - set(STRATEGIES)
     if unknown:

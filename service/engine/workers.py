@@ -63,7 +63,7 @@ class EngineSettings:
     dtype: str = "float32"
     lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill
     warmup: bool = True
-    admission: str = "measured"  # measured: in flight up to the cost curve's knee (at warm-up) | max_batch
+    admission: str = "max_batch"  # max_batch | measured: in flight up to the cost curve's knee (at warm-up)
 
 
 class WorkQueue:
@@ -137,7 +137,7 @@ class Worker(threading.Thread):
         job.future.result(timeout=0)
         if self.engine.settings.admission == "measured":
             st = self.engine.settings
-            self.cost_curve = measure_cost_curve(self.runner.model, self.device, st.max_batch, st.halting)
+            self.cost_curve = measure_cost_curve(self.runner, self.engine.limits, st.max_batch, st.halting)
             self.scheduler.policy.calibrate(self.cost_curve.knee())
             log.info("%s: step cost curve %s -> at most %d images in flight", self.device,
                      {n: round(s * 1000, 1) for n, s in self.cost_curve.step_seconds.items()}, self.cost_curve.knee())
