@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
 import corpus  # noqa: E402
-from service.config import Settings  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from service.engine import Engine, EngineSettings, Target  # noqa: E402
 from service.imaging import preprocess  # noqa: E402
-from service.model.alit import quality  # noqa: E402
+from service.model.measure import iterate_and_measure  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
 
 STRATEGIES = ("reference", "lockstep", "continuous")
@@ -50,15 +50,10 @@ def build_corpus(size: int, n_crops: int, seed: int = 0) -> list[tuple[str, torc
 def calibrate_targets(model, corpus) -> list[Target]:
     """Quality levels from the model's own per-iteration L1 / PSNR quantiles over the corpus."""
     images = torch.stack([t for _, t in corpus])
-    states = model.prepare(images)
-    l1s, psnrs = [], []
     with torch.inference_mode():
-        for _ in range(model.cfg.max_iters):
-            outs = model.advance(states)
-            l1, psnr = quality(model.reconstruct(model.decode_logits([o.token_ids for o in outs])), images)
-            l1s.append(l1.numpy())
-            psnrs.append(psnr.numpy())
-    l1s, psnrs = np.array(l1s), np.array(psnrs)  # (iters, images)
+        rows = list(iterate_and_measure(model, images))
+    l1s = np.array([r.l1.numpy() for r in rows])  # (iters, images)
+    psnrs = np.array([r.psnr.numpy() for r in rows])
     k = model.cfg.max_iters
     levels = [float(np.quantile(l1s[min(i, k - 1)], 0.5)) for i in (1, 3, 5)]
     psnr_level = float(np.quantile(psnrs[min(3, k - 1)], 0.5))

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
 from bench_engine import build_corpus, calibrate_targets, drive, poisson, workload, write_json  # noqa: E402
-from service.config import Settings  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from service.engine import Engine, EngineSettings  # noqa: E402
 from service.engine.remote import TritonEngine  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def start_triton(model: str, threads: int, max_batch: int, log: Path):
     """A tritonserver on model_repository/ serving `model`; returns (process, ports) once ready."""
-    from service.tritonserver import TritonPorts, start_ready
+    from service.triton_launcher import TritonPorts, start_ready
 
     ports = TritonPorts(free_port(), free_port(), free_port())
     env = {"ALIT_MODEL": model, "ALIT_TORCH_THREADS": str(threads), "ALIT_MAX_BATCH": str(max_batch)}

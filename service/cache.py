@@ -19,6 +19,7 @@ import hashlib
 import logging
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,11 +114,6 @@ class Trajectory:
 # ----- stores ---------------------------------------------------------------------------------------
 
 
-class CacheStats:
-    def __init__(self):
-        self.hits = self.misses = self.errors = 0
-
-
 class MemoryCache:
     """In-process LRU of serialised trajectories (the same bytes Redis would hold)."""
 
@@ -126,9 +122,8 @@ class MemoryCache:
     def __init__(self, max_entries: int = 10_000):
         self.max_entries = max_entries
         self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self.stats = CacheStats()
         self.available = True
-        self.on_error = None  # never called: memory does not fail
+        self.on_error: Callable[[], None] | None = None  # never called: memory does not fail
 
     async def get(self, key: str) -> Trajectory | None:
         raw = self._data.get(key)
@@ -160,9 +155,8 @@ class RedisCache:
         self._redis = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                      retry_on_timeout=False)
         self.prefix, self.ttl_s, self.max_backoff_s = prefix, ttl_s, max_backoff_s
-        self.stats = CacheStats()
         self.available = True
-        self.on_error = None  # callable, e.g. a Prometheus counter's inc
+        self.on_error: Callable[[], None] | None = None  # counts failures, e.g. a Prometheus counter's inc
         self._retry_at = 0.0
         self._backoff = 0.0
 
@@ -186,7 +180,6 @@ class RedisCache:
         return out
 
     def _error(self) -> None:
-        self.stats.errors += 1
         if self.on_error is not None:
             self.on_error()
 

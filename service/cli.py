@@ -13,7 +13,7 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from .api.server import serve
-    from .config import Settings
+    from .settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in {"model": args.model, "host": args.host, "port": args.port}.items() if v is not None}
@@ -132,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=_convert)
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["triton"]:  # its own options, parsed by service.tritonserver
-        from .tritonserver import main as triton_main
+    if argv[:1] == ["triton"]:  # its own options, parsed by service.triton_launcher
+        from .triton_launcher import main as triton_main
 
         return triton_main(argv[1:])
     if argv[:1] in (["train"], ["evaluate"]):  # the training package parses its own options
-        from .training.cli import main as training_main
+        from .training import main as training_main
 
         return training_main(argv)
     if argv[:1] == ["loadtest"]:  # loadtest/run_load.py, from a source checkout

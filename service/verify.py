@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model.alit import ALIT, quality, reference_stop_iteration
+from .model.alit import ALIT, reference_stop_iteration
 from .model.checkpoint import build_model, read_config_file, read_state_dict
+from .model.measure import iterate_and_measure
 
 NEAR_TIE = 1e-4
 
@@ -99,16 +100,8 @@ def _precision_ctx(device: str, dtype: str):
 
 def run_iterations(model: ALIT, images: torch.Tensor, halting: bool = False, threshold=None, draws=None):
     """Every iteration for a batch: per iteration (step outputs, logits, reconstructions, L1)."""
-    states = model.prepare(images)
-    out = []
-    for k in range(model.cfg.max_iters):
-        inj = None if draws is None else list(torch.from_numpy(draws[k]))
-        steps = model.advance(states, halting=halting, threshold=threshold, draws=inj, trace=True)
-        logits = torch.stack([s.logits for s in steps]) if halting else model.decode_logits([s.token_ids for s in steps])
-        recon = model.reconstruct(logits)
-        l1, _ = quality(recon, images)
-        out.append((steps, logits, recon, l1))
-    return out
+    return [(m.steps, m.logits, m.recon, m.l1)
+            for m in iterate_and_measure(model, images, halting=halting, threshold=threshold, draws=draws, trace=True)]
 
 
 def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", batch_mode: str = "cohort") -> Report:

@@ -185,7 +185,7 @@ class Server:
 @pytest.fixture(scope="session")
 def triton_ports(tmp_path_factory):
     """A real tritonserver (nvidia-pytriton wheel) on model_repository/, serving the fixture model."""
-    from service.tritonserver import TritonPorts, start_ready
+    from service.triton_launcher import TritonPorts, start_ready
 
     ports = TritonPorts(free_port(), free_port(), free_port())
     env = {"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"), "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}

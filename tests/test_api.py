@@ -300,7 +300,7 @@ def test_openapi_describes_every_endpoint_schema_and_error(start_server):
 
 
 def test_readme_configuration_table_matches_settings():
-    from service.config import Settings
+    from service.settings import Settings
 
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"^\| `(ALIT_[A-Z0-9_]+)` \|", readme, re.M))

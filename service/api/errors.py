@@ -26,6 +26,14 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.detail, self.headers = status, code, message, detail, headers
 
 
+# What each ImageError code means in HTTP: limits are 413, formats 415, corrupt images 422.
+IMAGE_ERROR_STATUS = {"empty_image": 422, "image_too_large": 413, "unsupported_image": 415, "invalid_image": 422}
+
+
+class ClientGone(Exception):
+    """The client closed the connection; its images were cancelled and left the engine."""
+
+
 def error_body(code: str, message: str, detail=None) -> dict:
     return {"error": {"code": code, "message": message, "detail": detail}}
 
@@ -38,7 +46,7 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(422, "invalid_tokens" if exc.field == "token_ids" else "invalid_target", str(exc),
                         {"field": exc.field})
     if isinstance(exc, ImageError):
-        return ApiError(exc.status, exc.code, exc.message)
+        return ApiError(IMAGE_ERROR_STATUS[exc.code], exc.code, exc.message)
     if isinstance(exc, QueueFull):
         retry = max(1, math.ceil(exc.retry_after))
         return ApiError(503, "overloaded", str(exc), {"retry_after_s": retry}, {"Retry-After": str(retry)})
@@ -50,7 +58,7 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(504, "deadline_exceeded", str(exc))
     if isinstance(exc, StepFailed):
         return ApiError(500, "inference_failed", str(exc))
-    if type(exc).__name__ == "ClientGone":  # nobody reads this answer; 499 as nginx logs it
+    if isinstance(exc, ClientGone):  # nobody reads this answer; 499 as nginx logs it
         return ApiError(499, "client_closed_request", "the client closed the connection")
     log.exception("unhandled error", exc_info=exc)
     return ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); this is a bug")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -23,12 +24,30 @@ class ImageItem(BaseModel):
     target: TargetSpec | None = None
 
 
-class TokenizeJSON(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    images: list[ImageItem] = Field(..., min_length=1, description="One or more images, each with its own target.")
+class TokenizeOptions(BaseModel):
+    """What to return besides the tokens; the same in both request forms."""
+
     include_reconstruction: bool = Field(False, description="Add the reconstruction of the returned tokens as a base64 PNG.")
     all_iterations: bool = Field(False, description="Add the token ids and quality of every iteration run.")
     stream: bool = Field(False, description="Answer as NDJSON: one event per iteration, then the result.")
+
+
+class TokenizeJSON(TokenizeOptions):
+    """`application/json`: a batch of base64 images, each with its own target."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: list[ImageItem] = Field(..., min_length=1, description="One or more images, each with its own target.")
+
+
+class TokenizeForm(TargetSpec, TokenizeOptions):
+    """`multipart/form-data`: one image (`file`) with the target fields and options as form fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: UploadFile = Field(..., description="The image (PNG, JPEG, WebP, GIF, BMP, TIFF).")
+
+    def target(self) -> dict[str, float | int]:
+        """The target fields that were given, as the JSON form's `target` object holds them."""
+        return {k: getattr(self, k) for k in TargetSpec.model_fields if getattr(self, k) is not None}
 
 
 class IterationOut(BaseModel):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..model.alit import ALIT
-from ..model.checkpoint import fingerprint, load_model
+from ..model.checkpoint import export, load_model
 from .common import setup_threads
 from .data import HELDOUT_DIR, load_folder, pool_cached, to_tensor
 from .recipe import DEFAULT_CONFIG, Recipe, quick_recipe
@@ -39,19 +39,6 @@ class Timer:
         self.times[stage] = self.times.get(stage, 0.0) + seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.times, indent=1))
-
-
-def export(model: ALIT, out: Path, card: str | None = None) -> str:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(model, model.cfg)
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"fingerprint": fp})
-    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    if card is not None:
-        (out / "MODEL_CARD.md").write_text(card)
-    return fp
 
 
 def build_stage2_model(vqgan_state: dict, seed: int) -> ALIT:

@@ -5,10 +5,12 @@ The README's configuration table lists the same fields; `tests/test_api.py` chec
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pathlib import Path
+from .engine import EngineSettings
 
 # The trained default model shipped in weights/ (see weights/MODEL_CARD.md); a random-weight preset
 # where it is absent (an installed package without the source tree).
@@ -56,3 +58,23 @@ class Settings(BaseSettings):
 
     def key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+
+def engine_settings(settings: Settings, devices: str | None = None) -> EngineSettings:
+    """The engine's part of the settings (the API and the Triton model build their engines from it);
+    `devices` replaces `settings.devices` (Triton assigns each model instance its device)."""
+    return EngineSettings(
+        devices=settings.devices if devices is None else devices, max_batch=settings.max_batch,
+        max_queue=settings.max_queue, batch_mode=settings.batch_mode, halting=settings.halting, dtype=settings.dtype,
+        warmup=settings.warmup,
+    )
+
+
+def settings_with(overrides: dict[str, str]) -> Settings:
+    """Settings from the environment and defaults, with `overrides` (by field name; empty strings
+    ignored) on top: how the Triton model applies its config.pbtxt parameters. A name that is no
+    setting raises ValueError, as does an invalid value (pydantic's ValidationError)."""
+    unknown = sorted(set(overrides) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a setting (known: {', '.join(Settings.model_fields)})")
+    return Settings(**{k: v for k, v in overrides.items() if v != ""})

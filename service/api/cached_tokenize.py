@@ -43,7 +43,6 @@ class TokenizePipeline:
         while True:
             hit = stored.lookup(target, limits) if stored is not None else None
             if hit is not None:
-                self.cache.stats.hits += 1
                 self._event("hit")
                 return self._from_trajectory(stored, hit, progress)
             leader = self.flights.leader(key)
@@ -56,7 +55,6 @@ class TokenizePipeline:
         return await self._compute(key, image, target, deadline, progress, tag, lead=True)
 
     async def _compute(self, key, image, target, deadline, progress, tag, lead: bool) -> Outcome:
-        self.cache.stats.misses += 1
         self._event("miss")
         trajectory = None
         try:
