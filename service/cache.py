@@ -56,7 +56,7 @@ class Trajectory:
     def __len__(self) -> int:
         return len(self.records)
 
-    def merge(self, records) -> "Trajectory":
+    def merge(self, records) -> Trajectory:
         """Add iterations; a measured record replaces an unmeasured one, never the reverse."""
         for r in records:
             old = self.records.get(r.iteration)
@@ -95,7 +95,7 @@ class Trajectory:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Trajectory":
+    def from_bytes(cls, data: bytes) -> Trajectory:
         version, n, width = _HEAD.unpack_from(data, 0)
         if version != FORMAT_VERSION:
             raise ValueError(f"unknown cache record version {version}")
@@ -171,7 +171,8 @@ class RedisCache:
             self._backoff = min(self.max_backoff_s, max(0.25, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff
             if self.available:
-                log.warning("redis unavailable (%s: %s); serving uncached, retrying in %.2fs", type(e).__name__, e, self._backoff)
+                log.warning("redis unavailable (%s: %s); serving uncached, retrying in %.2fs", type(e).__name__, e,
+                            self._backoff)
             self.available = False
             return None
         if not self.available:

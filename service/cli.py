@@ -31,14 +31,18 @@ def _tokenize(args: argparse.Namespace) -> int:
         except AlitError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    print(json.dumps({k: r[k] for k in ("num_tokens", "iterations", "l1", "psnr", "target_met", "cached", "token_ids")}))
+    keys = ("num_tokens", "iterations", "l1", "psnr", "target_met", "cached", "token_ids")
+    print(json.dumps({k: r[k] for k in keys}))
     return 0
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from .client import AlitError, Client
 
-    text = sys.stdin.read() if args.ids == "-" else (Path(args.ids).read_text() if Path(args.ids).is_file() else args.ids)
+    if args.ids == "-":
+        text = sys.stdin.read()
+    else:
+        text = Path(args.ids).read_text() if Path(args.ids).is_file() else args.ids
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

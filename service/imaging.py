@@ -62,11 +62,13 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("image_too_large", f"image dimensions are too large ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError("unsupported_image", "not a recognised image (supported: PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
+        raise ImageError("unsupported_image",
+                         "not a recognised image (supported: PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
     except Exception as e:
         raise ImageError("invalid_image", f"cannot read the image header: {e}") from None
     if img.format not in FORMATS:
-        raise ImageError("unsupported_image", f"image format {img.format} is not supported (supported: {', '.join(sorted(FORMATS))})")
+        raise ImageError("unsupported_image",
+                         f"image format {img.format} is not supported (supported: {', '.join(sorted(FORMATS))})")
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageError("invalid_image", f"image has no pixels ({w}x{h})")
@@ -74,12 +76,12 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise ImageError("image_too_large",
                          f"image is {w}x{h}; the limits are {limits.max_pixels} pixels and {limits.max_side} per side")
     if max(w, h) / min(w, h) > limits.max_aspect:
-        raise ImageError("invalid_image", f"image is {w}x{h}: aspect ratio beyond {limits.max_aspect:g}:1 is not supported")
+        raise ImageError("invalid_image",
+                         f"image is {w}x{h}: aspect ratio beyond {limits.max_aspect:g}:1 is not supported")
     try:
         img.seek(0)  # first frame of an animation
         img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return to_rgb(img)
+        return to_rgb(ImageOps.exif_transpose(img) or img)
     except ImageError:
         raise
     except Exception as e:  # truncated or corrupt data surfaces here, whatever the decoder
@@ -112,7 +114,7 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
         new = (size, int(size * h / w))
     else:
         new = (int(size * w / h), size)
-    return img if new == (w, h) else img.resize(new, Image.BICUBIC)
+    return img if new == (w, h) else img.resize(new, Image.Resampling.BICUBIC)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:

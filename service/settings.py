@@ -6,6 +6,7 @@ The README's configuration table lists the same fields; `tests/test_api.py` chec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,25 +23,36 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIT_", extra="ignore")
 
     # model
-    model: str = Field(DEFAULT_MODEL, description="Weights: a .pth/.safetensors file, a directory holding one, or `preset:NAME[:seedN]`; default: the shipped `weights/`.")
+    model: str = Field(DEFAULT_MODEL,
+                       description="Weights: a .pth/.safetensors file, a directory holding one, or "
+                                   "`preset:NAME[:seedN]`; default: the shipped `weights/`.")
     heads: int | None = Field(None, description="Attention heads when they cannot be inferred from the weights.")
     # engine
-    engine: str = Field("local", pattern="^(local|triton)$", description="`local`: in-process workers; `triton`: forward tokenization to Triton.")
+    engine: str = Field("local", pattern="^(local|triton)$",
+                        description="`local`: in-process workers; `triton`: forward tokenization to Triton.")
     triton_url: str = Field("127.0.0.1:8011", description="Triton gRPC address when `ALIT_ENGINE=triton`.")
-    devices: str = Field("auto", description="`auto` (every GPU, else CPU), `cpu`, or `cuda:0,cuda:1`: one worker each.")
+    devices: str = Field("auto",
+                         description="`auto` (every GPU, else CPU), `cpu`, or `cuda:0,cuda:1`: one worker each.")
     max_batch: int = Field(32, ge=1, description="Images in flight per worker (continuous batching).")
-    max_queue: int = Field(256, ge=1, description="Images waiting for admission; beyond it requests get 503 + Retry-After.")
-    batch_mode: str = Field("cohort", pattern="^(cohort|padded)$", description="Mixed iterations: same-length cohorts or one padded call.")
+    max_queue: int = Field(256, ge=1,
+                           description="Images waiting for admission; beyond it requests get 503 + Retry-After.")
+    batch_mode: Literal["cohort", "padded"] = Field(
+        "cohort", description="Mixed iterations: same-length cohorts or one padded call.")
     halting: bool = Field(True, description="2D-token dynamic halting during encoding, as the published model runs.")
-    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$", description="Compute precision (autocast) on the workers.")
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$",
+                       description="Compute precision (autocast) on the workers.")
     torch_threads: int | None = Field(None, description="torch intra-op CPU threads (default: torch's choice).")
     warmup: bool = Field(True, description="Run one image through every worker before reporting ready.")
-    default_max_l1: float = Field(0.07, gt=0, le=1, description="Target when a request names none (the reference default).")
+    default_max_l1: float = Field(0.07, gt=0, le=1,
+                                  description="Target when a request names none (the reference default).")
     # requests
-    request_timeout_s: float = Field(30.0, gt=0, description="Default deadline; a client may shorten it with `X-Request-Timeout`.")
-    max_batch_images: int = Field(16, ge=1, description="Images per JSON tokenize request, sequences per reconstruct request.")
+    request_timeout_s: float = Field(30.0, gt=0,
+                                     description="Default deadline; a client may shorten it with `X-Request-Timeout`.")
+    max_batch_images: int = Field(16, ge=1,
+                                  description="Images per JSON tokenize request, sequences per reconstruct request.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest encoded image accepted.")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image (width x height), checked before decoding.")
+    max_image_pixels: int = Field(40_000_000, ge=1,
+                                  description="Largest decoded image (width x height), checked before decoding.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
     # cache
     redis_url: str | None = Field(None, description="Redis URL for the result cache; unset = in-process LRU.")
@@ -52,7 +64,9 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty = CORS off.")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, time given to in-flight and queued requests.")
     demo_page: bool = Field(True, description="Serve the demo page at `/`.")
-    fault_injection: bool = Field(False, description="Tests only: a request with `X-Alit-Fault: step` makes its inference step raise.")
+    fault_injection: bool = Field(False,
+                                  description="Tests only: a request with `X-Alit-Fault: step` makes its inference "
+                                              "step raise.")
     host: str = Field("127.0.0.1", description="Address `alit-serve serve` binds.")
     port: int = Field(8000, description="Port `alit-serve serve` binds.")
 
@@ -77,4 +91,5 @@ def settings_with(overrides: dict[str, str]) -> Settings:
     unknown = sorted(set(overrides) - set(Settings.model_fields))
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not a setting (known: {', '.join(Settings.model_fields)})")
-    return Settings(**{k: v for k, v in overrides.items() if v != ""})
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v != ""}
+    return Settings(**given)

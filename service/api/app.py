@@ -6,9 +6,9 @@ import asyncio
 import json
 import logging
 import time
-from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -16,14 +16,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cache import make_cache
-from ..settings import SHIPPED_WEIGHTS, Settings, engine_settings
-from ..metrics import Metrics
 from ..engine import Engine, Target
+from ..metrics import Metrics
 from ..model.presets import preset_name_of
 from ..model.registry import resolve
+from ..settings import SHIPPED_WEIGHTS, Settings, engine_settings
 from . import errors
-from .draining import stamp_arrival
 from .cached_tokenize import TokenizePipeline
+from .draining import stamp_arrival
 from .routes import router
 
 log = logging.getLogger("alit.api")
@@ -165,7 +165,8 @@ class RequestGuard:
             if svc is not None:
                 svc.inflight -= 1
                 path = scope.get("path", "")
-                svc.metrics.request(path if path in ENDPOINTS else "other", status or 500, time.perf_counter() - started)
+                svc.metrics.request(path if path in ENDPOINTS else "other", status or 500,
+                                    time.perf_counter() - started)
 
 
 async def _send_413(send, limit: int) -> None:
@@ -231,4 +232,4 @@ def _publish_manual_schemas(app: FastAPI) -> None:
             app.openapi_schema = spec
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # how FastAPI documents extending the schema

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -58,14 +58,16 @@ class TokenizePipeline:
         self._event("miss")
         trajectory = None
         try:
-            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress, tag=tag)
-            trajectory = Trajectory().merge(r.trajectory)
-            await self.cache.merge(key, r.trajectory)
+            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress,
+                                           tag=tag)
+            records = r.trajectory or []  # asked for: every iteration run
+            trajectory = Trajectory().merge(records)
+            await self.cache.merge(key, records)
         finally:
             if lead:
                 self.flights.done(key, trajectory)
-        chosen = next(x for x in r.trajectory if x.iteration == r.selected_iteration)
-        return Outcome(chosen, r.iterations, r.target_met, False, r.trajectory,
+        chosen = next(x for x in records if x.iteration == r.selected_iteration)
+        return Outcome(chosen, r.iterations, r.target_met, False, records,
                        r.timings["queue_s"], r.timings["compute_s"])
 
     @staticmethod

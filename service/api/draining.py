@@ -33,4 +33,5 @@ async def not_draining(request: Request) -> None:
     """A route dependency: after a shutdown signal, new requests get 503 `draining`; earlier ones finish."""
     svc = request.app.state.svc
     if svc is not None and svc.draining and arrival(request) >= svc.drain_started:
-        raise ApiError(503, "draining", "the server is shutting down; retry on another replica", None, {"Retry-After": "5"})
+        raise ApiError(503, "draining", "the server is shutting down; retry on another replica", None,
+                       {"Retry-After": "5"})

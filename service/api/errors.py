@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -83,7 +84,8 @@ def install(app: FastAPI) -> None:
         errors = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg", "")}
                   for e in exc.errors()]
         first = errors[0] if errors else {"field": "", "message": "invalid request"}
-        return JSONResponse(error_body("invalid_request", f"{first['field']}: {first['message']}", errors), status_code=422)
+        body = error_body("invalid_request", f"{first['field']}: {first['message']}", errors)
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -96,7 +98,7 @@ def install(app: FastAPI) -> None:
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or wrong API key", "model": None},
     413: {"description": "Body or image too large"},
     415: {"description": "Not a supported image"},

@@ -7,12 +7,12 @@ import base64
 import binascii
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 from fastapi import APIRouter, Depends, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,9 +20,9 @@ from ..engine import IterationRecord, Target, parse_target
 from ..imaging import ImageLimits, load_for_model, to_png
 from ..model.presets import preset_name_of
 from .auth import require_key
+from .cached_tokenize import Outcome
 from .draining import not_draining
 from .errors import ERROR_RESPONSES, ApiError, ClientGone, error_body, to_api_error
-from .cached_tokenize import Outcome
 from .schemas import (
     ErrorResponse,
     ModelList,
@@ -81,7 +81,8 @@ def _query_flag(request: Request, name: str) -> bool:
     try:
         return _FLAG.validate_python(value)
     except ValidationError:
-        raise ApiError(422, "invalid_request", f"{name}: expected true or false, got {value!r}", {"field": name}) from None
+        raise ApiError(422, "invalid_request", f"{name}: expected true or false, got {value!r}",
+                       {"field": name}) from None
 
 
 def _form_error(e: ValidationError) -> ApiError:
@@ -138,12 +139,14 @@ async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], b
             try:
                 data = base64.b64decode(item.image, validate=True)
             except (binascii.Error, ValueError):
-                raise ApiError(422, "invalid_base64", f"images.{i}.image: not valid base64", {"field": f"images.{i}.image"}) from None
+                field = f"images.{i}.image"
+                raise ApiError(422, "invalid_base64", f"{field}: not valid base64", {"field": field}) from None
             items.append((data, item.target.model_dump(exclude_none=True) if item.target else {}))
         stream = parsed.stream or _query_flag(request, "stream")
         return items, parsed.include_reconstruction, parsed.all_iterations, stream
     raise ApiError(415, "unsupported_media_type",
-                   f"Content-Type {ctype!r} is not accepted: send multipart/form-data (field 'file') or application/json")
+                   f"Content-Type {ctype!r} is not accepted: send multipart/form-data (field 'file') or "
+                   "application/json")
 
 
 # ----- tokenize --------------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ async def reconstruct(body: ReconstructJSON, request: Request):
     deadline = _deadline(request)
     ids = body.token_ids
     single = not ids or not isinstance(ids[0], list)
-    seqs = [ids] if single else ids
+    seqs = [cast(list[int], ids)] if single else cast(list[list[int]], ids)
     if len(seqs) > svc.settings.max_batch_images:
         raise ApiError(413, "too_many_images", f"token_ids: {len(seqs)} sequences; the limit per request is "
                        f"{svc.settings.max_batch_images}", {"field": "token_ids"})
@@ -289,7 +292,8 @@ async def reconstruct(body: ReconstructJSON, request: Request):
 # ----- models, health --------------------------------------------------------------------------------
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"], dependencies=[Depends(require_key), Depends(not_draining)])
+@router.get("/v1/models", response_model=ModelList, tags=["models"],
+            dependencies=[Depends(require_key), Depends(not_draining)])
 async def models(request: Request):
     svc = _state(request)
     lm, c = svc.engine.loaded, svc.engine.loaded.config
@@ -327,13 +331,16 @@ async def readyz(request: Request):
         bad = [w.device for w in svc.engine.workers if not w.healthy]
         why = svc.engine.problem or "workers not ready"  # e.g. a failing worker's last error, Triton unreachable
         return JSONResponse(error_body("unhealthy", why, {"workers": bad}), status_code=503)
-    return {"status": "ready", "model": svc.model_ref, "cache": {"backend": svc.cache.backend, "available": svc.cache.available}}
+    return {"status": "ready", "model": svc.model_ref,
+            "cache": {"backend": svc.cache.backend, "available": svc.cache.available}}
 
 
 # unversioned aliases, as the mission names them (same handlers, same documentation)
 router.add_api_route("/tokenize", tokenize, methods=["POST"], name="tokenize_unversioned", tags=["tokenize"],
-                     response_model=TokenizeResponse, openapi_extra=TOKENIZE_BODY, dependencies=[Depends(require_key), Depends(not_draining)],
+                     response_model=TokenizeResponse, openapi_extra=TOKENIZE_BODY,
+                     dependencies=[Depends(require_key), Depends(not_draining)],
                      responses={**ERRORS, 200: {"content": {"application/x-ndjson": {}}}})
-router.add_api_route("/reconstruct", reconstruct, methods=["POST"], name="reconstruct_unversioned", tags=["reconstruct"],
+router.add_api_route("/reconstruct", reconstruct, methods=["POST"], name="reconstruct_unversioned",
+                     tags=["reconstruct"],
                      response_model=ReconstructResponse, dependencies=[Depends(require_key), Depends(not_draining)],
                      responses={**ERRORS, 200: {"content": {"image/png": {}}}})

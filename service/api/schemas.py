@@ -12,9 +12,14 @@ class TargetSpec(BaseModel):
     """A quality target. None of them = the server's default (`max_l1` 0.07 unless configured)."""
 
     model_config = ConfigDict(extra="forbid")
-    max_l1: float | None = Field(None, description="Mean absolute pixel error in [0, 1] the reconstruction must reach.", examples=[0.07])
-    min_psnr: float | None = Field(None, description="PSNR in dB the clamped reconstruction must reach.", examples=[24.0])
-    tokens: int | None = Field(None, description="Exact token budget (a multiple of the tokens per iteration); no quality is measured.", examples=[128])
+    max_l1: float | None = Field(None,
+                                 description="Mean absolute pixel error in [0, 1] the reconstruction must "
+                                             "reach.", examples=[0.07])
+    min_psnr: float | None = Field(None,
+                                   description="PSNR in dB the clamped reconstruction must reach.", examples=[24.0])
+    tokens: int | None = Field(None,
+                               description="Exact token budget (a multiple of the tokens per iteration); no quality is "
+                                           "measured.", examples=[128])
     max_tokens: int | None = Field(None, description="Cap on tokens for a quality target.", examples=[192])
 
 
@@ -27,7 +32,8 @@ class ImageItem(BaseModel):
 class TokenizeOptions(BaseModel):
     """What to return besides the tokens; the same in both request forms."""
 
-    include_reconstruction: bool = Field(False, description="Add the reconstruction of the returned tokens as a base64 PNG.")
+    include_reconstruction: bool = Field(False,
+                                         description="Add the reconstruction of the returned tokens as a base64 PNG.")
     all_iterations: bool = Field(False, description="Add the token ids and quality of every iteration run.")
     stream: bool = Field(False, description="Answer as NDJSON: one event per iteration, then the result.")
 

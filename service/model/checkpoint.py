@@ -78,9 +78,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            detail = next((l.strip().split(". Please")[0] for l in str(e).splitlines() if "Unsupported global" in l), None)
+            detail = next((line.strip().split(". Please")[0] for line in str(e).splitlines()
+                           if "Unsupported global" in line), None)
             if detail is None:
-                raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from e
+                first = str(e).splitlines()[0][:200]
+                raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint ({first})") from e
             raise CheckpointError(
                 f"refusing to load {path}: besides tensors it holds pickled objects that would run code "
                 f"when unpickled ({detail}). Only plain weights are loaded; re-save the state dict alone "

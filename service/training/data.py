@@ -72,7 +72,7 @@ def load_sources() -> list[tuple[str, np.ndarray, bool]]:
     """(name, HxWx3 uint8, was_grey) for every training source."""
     out = []
     for pkg, name, _ in SOURCES:
-        im = Image.open(source_path(pkg, name))
+        im: Image.Image = Image.open(source_path(pkg, name))
         grey = im.mode in ("L", "LA", "I", "I;16", "1")
         if im.mode in ("RGBA", "LA"):
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -113,7 +113,7 @@ def make_pool(n: int, size: int, seed: int, synthetic: float = 0.04) -> np.ndarr
         smin = min(smax, max(size // 2, 24))
         s = int(round(np.exp(rng.uniform(np.log(smin), np.log(smax)))))
         y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-        crop = _resize(np.ascontiguousarray(arr[y : y + s, x : x + s]), size).astype(np.float32)
+        crop: np.ndarray = _resize(np.ascontiguousarray(arr[y : y + s, x : x + s]), size).astype(np.float32)
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         if grey and rng.random() < 0.7:  # tint grey sources so they are not all neutral

@@ -112,7 +112,7 @@ def grid_picture(originals: torch.Tensor, recons: torch.Tensor, path: Path, scal
             canvas[y : y + h, x : x + w] = arr
     im = Image.fromarray(canvas)
     if scale != 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
 
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="alit-serve evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", help="folder of images (searched recursively)")
     p.add_argument("--model", default="weights", help="weights directory / file / preset:NAME (default: weights)")
-    p.add_argument("--out", default=None, help="folder for metrics.json and grid.png (default: print only + ./evaluate-out)")
+    p.add_argument("--out", default=None,
+                   help="folder for metrics.json and grid.png (default: print only + ./evaluate-out)")
     p.add_argument("--picture", default=None, help="path of the PNG grid (default: OUT/grid.png)")
     p.add_argument("--no-halting", action="store_true", help="run without 2D-token halting")
     p.add_argument("--checks", action="store_true", help="also run the issue-9 checks on held-out crops of DIR")
@@ -228,9 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics["checks"] = c
         print(f"crops: {c['crops']} (PNG {c['png_bytes_min']}..{c['png_bytes_max']} bytes); mean L1 per iteration "
               + " ".join(f"{v:.4f}" for v in c["crop_mean_l1"]))
-        print(f"crops L1 last/first {c['crop_ratio_256_32']:.3f}, falls every iteration: {c['crop_l1_falls_every_iteration']}")
+        print(f"crops L1 last/first {c['crop_ratio_256_32']:.3f}, "
+              f"falls every iteration: {c['crop_l1_falls_every_iteration']}")
         print(f"threshold {c['threshold']:.4f}: {c['distinct_halting_iterations']} distinct halting iterations, "
-              f"rho(halting, PNG) = {c['rho_halting_vs_png']:.3f}; VQGAN ceiling rho(L1, PNG) = {c['rho_vqgan_l1_vs_png']:.3f}")
+              f"rho(halting, PNG) = {c['rho_halting_vs_png']:.3f}; "
+              f"VQGAN ceiling rho(L1, PNG) = {c['rho_vqgan_l1_vs_png']:.3f}")
         print(f"flat image halts at iteration {c['flat_halts_at']}, noise at {c['noise_halts_at']} "
               f"(noise ever meets the threshold: {c['noise_ever_meets_threshold']})")
     metrics["seconds"] = time.time() - t0

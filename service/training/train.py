@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.quiet
 
     t = time.time()
-    pool = pool_cached(run_dir / f"pool_{recipe.pool_size}_{size}_{recipe.seed}.npy", recipe.pool_size, size, recipe.seed)
+    pool_file = run_dir / f"pool_{recipe.pool_size}_{size}_{recipe.seed}.npy"
+    pool = pool_cached(pool_file, recipe.pool_size, size, recipe.seed)
     timer.add("data", time.time() - t)
 
     from .stage1 import train_vqgan
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     t = time.time()
     l1, psnr, _ = per_iteration(loaded.model, eval_images, halting=True)
     l1_nh, _, _ = per_iteration(loaded.model, eval_images, halting=False)
-    metrics = {
+    metrics: dict[str, Any] = {
         "heldout_photos": {
             "mean_l1": l1.mean(0).tolist(), "mean_psnr": psnr.mean(0).tolist(),
             "mean_l1_no_halting": l1_nh.mean(0).tolist(),
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "MODEL_CARD.md").write_text(model_card(loaded, recipe, metrics, command, out))
     print(json.dumps({k: metrics[k] for k in ("heldout_photos", "wall_seconds", "fingerprint")}, indent=1))
     c = metrics["checks"]
-    print(f"crops mean L1 {['%.4f' % v for v in c['crop_mean_l1']]} ratio {c['crop_ratio_256_32']:.3f} "
+    print(f"crops mean L1 {[f'{v:.4f}' for v in c['crop_mean_l1']]} ratio {c['crop_ratio_256_32']:.3f} "
           f"rho {c['rho_halting_vs_png']:.3f} (VQGAN {c['rho_vqgan_l1_vs_png']:.3f}) "
           f"flat {c['flat_halts_at']} noise {c['noise_halts_at']}")
     print(f"exported {out} (fingerprint {loaded.fingerprint})")

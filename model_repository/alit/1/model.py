@@ -9,6 +9,8 @@ site-packages and the project root come from ALIT_PYTHONPATH (set by `alit-serve
 container, point it at the image's site-packages and the project).
 """
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -90,11 +92,9 @@ class TritonPythonModel:
     # ----- responses ------------------------------------------------------------------------------------
     @staticmethod
     def _error(sender, message: str) -> None:
-        try:
+        with contextlib.suppress(pb_utils.TritonModelException):  # the client is gone (cancelled): nobody to tell
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except pb_utils.TritonModelException:  # the client is gone (cancelled); nobody to tell
-            pass
 
     def _respond(self, sender, future) -> None:
         """Runs on the engine's worker thread the moment an image halts."""
@@ -143,7 +143,7 @@ class TritonPythonModel:
                 self._error(s, str(e))
             return None
         for job, sender in zip(jobs, senders):
-            job.future.add_done_callback(lambda f, s=sender: self._respond(s, f))
+            job.future.add_done_callback(functools.partial(self._respond, sender))
         return None
 
     def finalize(self):
