@@ -69,15 +69,6 @@ def resume(path: Path, module: torch.nn.Module, opt: torch.optim.Optimizer,
     return int(state["step"]), state
 
 
-def rng_state(gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state()}
-
-
-def restore_rng(state: dict, gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
-
-
 class Log:
     """Appends one JSON object per line to `path`, and prints a one-line progress bar."""
 
