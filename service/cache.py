@@ -20,12 +20,11 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .engine.scheduler import IterationRecord
+from .engine.records import IterationRecord, Selection
 from .engine.targets import ModelLimits, Target
 
 log = logging.getLogger("alit.cache")
@@ -40,13 +39,6 @@ def cache_key(image: torch.Tensor, fingerprint: str, halting: str) -> str:
     h = hashlib.sha256(pixels)
     h.update(f"|{fingerprint}|{halting}".encode())
     return h.hexdigest()
-
-
-@dataclass
-class Lookup:
-    record: IterationRecord
-    iterations: int
-    target_met: bool
 
 
 class Trajectory:
@@ -64,22 +56,10 @@ class Trajectory:
                 self.records[r.iteration] = r
         return self
 
-    def lookup(self, target: Target, limits: ModelLimits) -> Lookup | None:
-        """The answer the engine would give for `target`, if the stored iterations determine it."""
-        cap = target.iteration_cap(limits)
-        if not target.needs_quality:
-            r = self.records.get(cap)
-            return Lookup(r, cap, True) if r is not None else None
-        best = None
-        for n in range(1, cap + 1):
-            r = self.records.get(n)
-            if r is None or r.l1 is None:
-                return None
-            if target.met(r.l1, r.psnr):
-                return Lookup(r, n, True)
-            if best is None or target.better(r.l1, r.psnr, best.l1, best.psnr):
-                best = r
-        return Lookup(best, cap, False)
+    def lookup(self, target: Target, limits: ModelLimits) -> Selection | None:
+        """The answer the engine gives `target`, when the stored iterations determine it: the engine's
+        own rule (`Target.select`) over what is stored; None sends the request to the engine."""
+        return target.select(self.records, limits)
 
     # ----- binary format ---------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

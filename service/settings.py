@@ -36,8 +36,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, ge=1, description="Images in flight per worker (continuous batching).")
     max_queue: int = Field(256, ge=1,
                            description="Images waiting for admission; beyond it requests get 503 + Retry-After.")
-    batch_mode: Literal["cohort", "padded"] = Field(
-        "cohort", description="Mixed iterations: same-length cohorts or one padded call.")
+    batch_mode: Literal["packed", "cohort", "padded"] = Field(
+        "packed", description="Mixed iterations: packed tokens (attention per image), same-length cohorts, or one "
+                              "padded call.")
     halting: bool = Field(True, description="2D-token dynamic halting during encoding, as the published model runs.")
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$",
                        description="Compute precision (autocast) on the workers.")

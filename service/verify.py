@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from .model.alit import ALIT, reference_stop_iteration
+from .model.alit import ALIT, BatchMode, reference_stop_iteration
 from .model.checkpoint import build_model, read_config_file, read_state_dict
 from .model.measure import iterate_and_measure
 
@@ -107,7 +106,7 @@ def run_iterations(model: ALIT, images: torch.Tensor, halting: bool = False, thr
 
 
 def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32",
-           batch_mode: Literal["cohort", "padded"] = "cohort") -> Report:
+           batch_mode: BatchMode = "packed") -> Report:
     fx = Path(fixture)
     cfg = read_config_file(fx / "config.json")
     model = build_model(cfg, read_state_dict(fx / "checkpoint.pth")).to(device)

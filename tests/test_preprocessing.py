@@ -4,7 +4,6 @@ same model input, including odd aspect ratios where two rounding rules would dis
 from __future__ import annotations
 
 import io
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FIXTURE, ROOT
+from conftest import FIXTURE
 
 # (width, height): 103x68 is where round() and int() of the resized side differ (97 vs 96 at 64 px)
 SIZES = [(103, 68), (68, 103), (65, 64), (64, 65), (200, 7), (31, 500), (1000, 999), (63, 63), (64, 64), (97, 130)]
@@ -56,23 +55,22 @@ def _evaluation(folder, size: int) -> torch.Tensor:
     return x
 
 
-def _benchmark(images: list[Image.Image], size: int, monkeypatch) -> torch.Tensor:
-    sys.path.insert(0, str(ROOT / "loadtest"))
-    import bench_engine
+def _benchmark(images: list[Image.Image], size: int) -> torch.Tensor:
+    """What the benchmark (`alit-serve bench`, service/bench) feeds the engine."""
+    from service.bench.workload import tensors
 
-    monkeypatch.setattr(bench_engine.corpus, "corpus", lambda n_crops, seed: [(str(i), im) for i, im in enumerate(images)])
-    return torch.stack([t for _, t in bench_engine.build_corpus(size, 0)])
+    return tensors([(str(i), im) for i, im in enumerate(images)], size)
 
 
 @pytest.mark.parametrize("size", [64, 256])
-def test_odd_aspect_images_preprocess_identically_everywhere(tmp_path, monkeypatch, size):
+def test_odd_aspect_images_preprocess_identically_everywhere(tmp_path, size):
     images = [_image(s, i) for i, s in enumerate(SIZES)]
     for i, im in enumerate(images):  # load_folder sorts by name: zero-padded, in SIZES order
         (tmp_path / f"{i:02d}.png").write_bytes(_png(im))
     service = torch.stack([_service(_png(im), size) for im in images])
     assert service.shape == (len(SIZES), 3, size, size)
     for name, other in (("training", _training(tmp_path, size)), ("evaluation", _evaluation(tmp_path, size)),
-                        ("benchmark", _benchmark(images, size, monkeypatch))):
+                        ("benchmark", _benchmark(images, size))):
         assert other.dtype == service.dtype and other.shape == service.shape, name
         for k, wh in enumerate(SIZES):
             assert torch.equal(other[k], service[k]), f"{name} differs from the service on a {wh[0]}x{wh[1]} image"

@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cache import make_cache
-from ..engine import Engine, Target
+from ..engine import Engine, EngineInterface, Target
 from ..metrics import Metrics
 from ..model.presets import preset_name_of
 from ..model.registry import resolve
@@ -34,7 +34,7 @@ ENDPOINTS = {"/v1/tokenize", "/v1/reconstruct", "/tokenize", "/reconstruct", "/v
 @dataclass
 class ServiceState:
     settings: Settings
-    engine: Engine
+    engine: EngineInterface
     cache: object
     pipeline: TokenizePipeline
     default_target: Target
@@ -83,18 +83,21 @@ def build_state(settings: Settings) -> ServiceState:
     model_ref = {"id": model_id(loaded), "fingerprint": loaded.fingerprint}
     metrics.model_info.info({"id": model_ref["id"], "fingerprint": loaded.fingerprint, "source": loaded.source,
                              "image_size": str(cfg.img_size), "max_tokens": str(cfg.max_tokens)})
+    engine: EngineInterface
     if settings.engine == "triton":  # Triton tokenizes; this process keeps cache, auth, limits, /reconstruct
         from ..engine.remote import TritonEngine
 
         local = engine_settings(settings, devices="cpu")
         local.warmup = False
-        engine = TritonEngine(loaded, settings.triton_url, local=local, observer=metrics).start()
+        remote = TritonEngine(loaded, settings.triton_url, local=local, observer=metrics).start()
+        metrics.devices = [w.device for w in remote.local.workers]
+        engine = remote
     else:
-        engine = Engine(loaded, engine_settings(settings), observer=metrics).start()
-    metrics.devices = [w.device for w in engine.workers]
-    if settings.fault_injection:
-        for w in engine.workers:
-            w.scheduler.fault_hook = _inject_fault
+        in_process = Engine(loaded, engine_settings(settings), observer=metrics).start()
+        metrics.devices = [w.device for w in in_process.workers]
+        if settings.fault_injection:  # tests only; the in-process engine's model calls
+            in_process.set_fault_hook(_inject_fault)
+        engine = in_process
     cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
                        max_entries=settings.cache_max_entries)
     cache.on_error = metrics.cache_errors.inc

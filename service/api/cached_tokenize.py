@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import SingleFlight, Trajectory, cache_key
-from ..engine import Engine, IterationRecord, Target
+from ..engine import EngineInterface, IterationRecord, Target
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Outcome:
 
 
 class TokenizePipeline:
-    def __init__(self, engine: Engine, cache, halting_tag: str, observer=None):
+    def __init__(self, engine: EngineInterface, cache, halting_tag: str, observer=None):
         self.engine = engine
         self.cache = cache
         self.fingerprint = engine.loaded.fingerprint

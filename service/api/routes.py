@@ -328,9 +328,9 @@ async def readyz(request: Request):
     if svc.draining:
         return JSONResponse(error_body("draining", "shutting down; finishing in-flight requests"), status_code=503)
     if not svc.engine.ready:
-        bad = [w.device for w in svc.engine.workers if not w.healthy]
-        why = svc.engine.problem or "workers not ready"  # e.g. a failing worker's last error, Triton unreachable
-        return JSONResponse(error_body("unhealthy", why, {"workers": bad}), status_code=503)
+        # the engine says why: a worker warming up, failing (with its last error) or dead; Triton unreachable
+        why = svc.engine.problem or "the engine is not ready"
+        return JSONResponse(error_body("unhealthy", why), status_code=503)
     return {"status": "ready", "model": svc.model_ref,
             "cache": {"backend": svc.cache.backend, "available": svc.cache.available}}
 

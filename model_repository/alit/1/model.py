@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from service.engine import Engine, EngineError, Target, TargetError, parse_target  # noqa: E402
-from service.engine.scheduler import TokenizeJob  # noqa: E402
+from service.engine.jobs import Job, TokenizeJob  # noqa: E402
 from service.imaging import ImageError, load_for_model, preprocess  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
 from service.settings import engine_settings, settings_with  # noqa: E402
@@ -124,7 +124,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """Hand every request's image to the engine and return; responses follow as images halt."""
-        jobs, senders = [], []
+        jobs: list[Job] = []
+        senders = []
         for request in requests:
             sender = request.get_response_sender()
             try:
