@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train the default model (stage 1 VQGAN, stage 2 latent distillation, ...)")
     sub.add_parser("evaluate", help="per-iteration L1/PSNR on a folder of images, and a picture")
 
-    b = sub.add_parser("bench", help="the engine benchmark (continuous vs lock-step vs reference) on a folder of images")
+    b = sub.add_parser("bench",
+                       help="the engine benchmark (continuous vs lock-step vs reference) on a folder of images")
     _bench_arguments(b)
     b.set_defaults(func=_bench)
 

@@ -58,7 +58,8 @@ def corpus(photos: list[tuple[str, Image.Image]], n_crops: int = 24, seed: int =
     return out
 
 
-def measure_iterations(model: ALIT, images: torch.Tensor, halting: bool, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def measure_iterations(model: ALIT, images: torch.Tensor, halting: bool,
+                       batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Every iteration of every image, measured: (L1, PSNR), each (max_iters, n)."""
     l1s, psnrs = [], []
     with torch.inference_mode():

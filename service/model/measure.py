@@ -28,12 +28,18 @@ class MeasuredStep:
     psnr: torch.Tensor  # (B,)
 
 
+def step_logits(model: ALIT, steps: Sequence[StepOutput]) -> torch.Tensor:
+    """(B, G, V) logits of one `advance()` result: decoded there already when 2D-token halting is
+    on, decoded here otherwise."""
+    decoded = [s.logits for s in steps if s.logits is not None]
+    if len(decoded) == len(steps):
+        return torch.stack(decoded)
+    return model.decode_logits([s.token_ids for s in steps])
+
+
 def measure_step(model: ALIT, steps: Sequence[StepOutput], images: torch.Tensor) -> MeasuredStep:
     """Logits, reconstruction and quality of one `advance()` result against its input images."""
-    if all(s.logits is not None for s in steps):  # decoded by advance() (halting on)
-        logits = torch.stack([s.logits for s in steps if s.logits is not None])
-    else:
-        logits = model.decode_logits([s.token_ids for s in steps])
+    logits = step_logits(model, steps)
     recon = model.reconstruct(logits)
     l1, psnr = quality(recon, images)
     return MeasuredStep(list(steps), logits, recon, l1, psnr)

@@ -129,11 +129,10 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                job = self._job(request, sender)
+                jobs.append(self._job(request, sender))
             except (ImageError, TargetError, ValueError) as e:
                 self._error(sender, f"invalid request: {e}")
                 continue
-            jobs.append(job)
             senders.append(sender)
         if not jobs:
             return None
@@ -143,8 +142,8 @@ class TritonPythonModel:
             for s in senders:
                 self._error(s, str(e))
             return None
-        for job, sender in zip(jobs, senders):
-            job.future.add_done_callback(functools.partial(self._respond, sender))
+        for queued, sender in zip(jobs, senders):
+            queued.future.add_done_callback(functools.partial(self._respond, sender))
         return None
 
     def finalize(self):
