@@ -9,7 +9,6 @@ below `NEAR_TIE`; continuous ones within the tolerances below. The exit status s
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from .model.alit import ALIT, BatchMode, reference_stop_iteration
 from .model.checkpoint import build_model, read_config_file, read_state_dict
 from .model.measure import iterate_and_measure
+from .model.precision import precision
 
 NEAR_TIE = 1e-4
 
@@ -93,12 +93,6 @@ def _np(t) -> np.ndarray:
     return np.asarray(t)
 
 
-def _precision_ctx(device: str, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
-
-
 def run_iterations(model: ALIT, images: torch.Tensor, halting: bool = False, threshold=None, draws=None):
     """Every iteration for a batch: per iteration (step outputs, logits, reconstructions, L1)."""
     return [(m.steps, m.logits, m.recon, m.l1)
@@ -114,7 +108,7 @@ def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32",
     exp = np.load(fx / "expected.npz")
     rep = Report("float32" if dtype == "float32" else "reduced")
     images = torch.from_numpy(exp["input"]).to(device)
-    with torch.inference_mode(), _precision_ctx(device, dtype):
+    with torch.inference_mode(), precision(device, dtype):
         z, gt = model.vqgan.encode(images)
         rep.continuous("vqgan_z", z, exp["vqgan_z"])
         rep.discrete("vqgan_indices", gt, exp["vqgan_indices"], exp["vqgan_indices_margin"])

@@ -27,6 +27,7 @@ def _progress(msg: str, t0: float) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from ..engine import EngineSettings, ModelLimits
+    from ..model.precision import precision
     from ..model.registry import resolve
     from . import live, profile, simulate, workload
 
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> dict:
     pixels = workload.tensors(images, cfg.img_size)
     _progress(f"model {args.model} ({cfg.img_size} px) on {args.device}, {torch.get_num_threads()} threads; "
               f"{len(images)} corpus images from {args.images}; measuring every iteration", t0)
-    with torch.autocast(torch.device(args.device).type, getattr(torch, args.dtype), enabled=args.dtype != "float32"):
+    with precision(args.device, args.dtype):
         l1, psnr = workload.measure_iterations(model, pixels, halting=not args.no_halting, batch=args.max_batch)
         targets = workload.calibrate_targets(l1, psnr, limits)
         batch = pixels[torch.arange(args.max_batch) % len(pixels)]

@@ -150,11 +150,13 @@ class Scheduler:
                     j.pixel_decodes += 1
             self.pixel_decodes += len(measured)
         done = []
-        for j, o in stepped:
+        ids_cpu = torch.cat([o.token_ids for _, o in stepped]).to("cpu", torch.int32).split(
+            [o.token_ids.shape[0] for _, o in stepped]) if stepped else []  # one device-to-host copy
+        for (j, _), ids in zip(stepped, ids_cpu):
             if j.future.done():  # its decode or measurement failed
                 continue
             l1, psnr = measured.get(id(j), (None, None))
-            if self._record(j, o, l1, psnr):
+            if self._record(j, ids.numpy(), l1, psnr):
                 done.append(j)
         if done:
             finished = set(map(id, done))
@@ -162,10 +164,10 @@ class Scheduler:
             for j in done:
                 self._retire(j)
 
-    def _record(self, j: TokenizeJob, o: StepOutput, l1: float | None, psnr: float | None) -> bool:
+    def _record(self, j: TokenizeJob, token_ids, l1: float | None, psnr: float | None) -> bool:
         """Store this iteration's outcome; True when the image is done."""
         n = j.state.iteration
-        rec = IterationRecord(n, o.token_ids.to("cpu", torch.int32).numpy(), l1, psnr)
+        rec = IterationRecord(n, token_ids, l1, psnr)
         j.records[n] = rec
         if j.progress is not None:
             j.progress(rec)

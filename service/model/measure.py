@@ -1,7 +1,7 @@
 """Run a batch through every iteration and measure each iteration's reconstruction.
 
 The one loop that verification (`service/verify.py`), evaluation (`service/training/evaluate.py`),
-the benchmark's target calibration (`loadtest/bench_engine.py`) and the batching tests share:
+the benchmark (`service/bench/workload.py`) and the batching tests share:
 advance every image one iteration, take that iteration's logits (already decoded by `advance` when
 2D-token halting is on, decoded here otherwise), reconstruct the pixels and measure L1 / PSNR
 against the input. The engine does not use it: it measures only images whose target needs it.
