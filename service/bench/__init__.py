@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> dict:
         prof = profile.profile_stages(model, batch, halting=not args.no_halting)
         one = profile.profile_stages(model, pixels[:1], halting=not args.no_halting)
         flops = profile.flops_per_image(model, batch, halting=not args.no_halting) if args.flops else None
-    _progress("per-image cost at batch %d: prepare %.2f ms, iterations %s ms, pixel decode %.2f ms" % (
-        prof.batch, prof.prepare_s * 1e3, " ".join(f"{s * 1e3:.2f}" for s in prof.iteration_s),
-        prof.pixel_decode_s * 1e3), t0)
+    iters_ms = " ".join(f"{s * 1e3:.2f}" for s in prof.iteration_s)
+    _progress(f"per-image cost at batch {prof.batch}: prepare {prof.prepare_s * 1e3:.2f} ms, iterations {iters_ms} ms, "
+              f"pixel decode {prof.pixel_decode_s * 1e3:.2f} ms", t0)
     settings = EngineSettings(devices=args.device, max_batch=args.max_batch, max_queue=1_000_000,
                               batch_mode=args.batch_mode, halting=not args.no_halting, dtype=args.dtype,
                               lockstep_max_delay=args.max_delay, admission=args.admission)
@@ -71,11 +71,12 @@ def run(args: argparse.Namespace) -> dict:
         "latency_one_image": one.to_dict(),
         "strategies": {},
     }
-    _progress("one image alone: prepare %.2f ms, iterations %s ms, pixel decode %.2f ms" % (
-        one.prepare_s * 1e3, " ".join(f"{s * 1e3:.2f}" for s in one.iteration_s), one.pixel_decode_s * 1e3), t0)
+    iters_ms = " ".join(f"{s * 1e3:.2f}" for s in one.iteration_s)
+    _progress(f"one image alone: prepare {one.prepare_s * 1e3:.2f} ms, iterations {iters_ms} ms, "
+              f"pixel decode {one.pixel_decode_s * 1e3:.2f} ms", t0)
     if flops is not None:
-        peak = profile.matmul_peak(args.device, torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype),
-                                   n=8192 if args.device.startswith("cuda") else 1024)
+        dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype)
+        peak = profile.matmul_peak(args.device, dtype, n=8192 if args.device.startswith("cuda") else 1024)
         achieved = (flops["prepare"] + sum(flops["iteration"]) + flops["pixel_decode"]) / (
             prof.prepare_s + sum(prof.iteration_s) + prof.pixel_decode_s)
         report["flops"] = {"per_image": flops, "matmul_peak_flops": peak,
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> dict:
         report["strategies"][name] = {"saturation": res, "saturation_throughput": res["throughput"],
                                       "efficiency": eff, "poisson": []}
         _progress(f"  {name}: {res['throughput']:.2f} img/s (efficiency {eff:.0%}), p50 {res['p50_s']:.3f} s, "
-                  f"{res['mean_iterations']:.2f} iterations and {res['pixel_decodes_per_image']:.2f} decodes per image", t0)
+                  f"{res['mean_iterations']:.2f} iterations and {res['pixel_decodes_per_image']:.2f} decodes per image",
+                  t0)
     if "lockstep" in report["strategies"]:
         lock_sat = report["strategies"]["lockstep"]["saturation_throughput"]
         for frac in args.load_fractions:
@@ -119,7 +121,8 @@ def run(args: argparse.Namespace) -> dict:
                 if abs(frac - 0.7) < 1e-9:
                     s["p50_at_70pct_lockstep_load"] = res["p50_s"]
                     s["p99_at_70pct_lockstep_load"] = res["p99_s"]
-                _progress(f"  {name}: got {res['throughput']:.2f}/s, p50 {res['p50_s']:.3f} s, p99 {res['p99_s']:.3f} s", t0)
+                _progress(f"  {name}: got {res['throughput']:.2f}/s, p50 {res['p50_s']:.3f} s, "
+                          f"p99 {res['p99_s']:.3f} s", t0)
     for s in report["strategies"].values():
         for k in ("iterations", "pixel_decodes"):
             s["saturation"].pop(k, None)
@@ -165,7 +168,8 @@ def plot(report: dict, path: str) -> None:
         pts = sorted((p["offered_rate"], p["p99_s"], p["p50_s"]) for p in s["poisson"])
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} p99")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", linestyle="--", alpha=0.6, label=f"{name} p50")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", linestyle="--", alpha=0.6,
+                    label=f"{name} p50")
     ax.set_xlabel("offered load (images/s, Poisson)")
     ax.set_ylabel("latency (s)")
     ax.set_yscale("log")
@@ -177,11 +181,12 @@ def plot(report: dict, path: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import Settings
+    from ..settings import Settings
 
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images the workload is built from")
     p.add_argument("--model", default=Settings().model)
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of " + ",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help="comma-separated subset of " + ",".join(STRATEGIES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -197,7 +202,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poisson-requests", type=int, help="default 200 (--quick: 96)")
     p.add_argument("--load-fractions", type=float, nargs="+", help="of lock-step's saturation throughput; "
                    "default 0.3 0.5 0.7 0.9 (--quick: 0.4 0.7)")
-    p.add_argument("--flops", action="store_true", help="count FLOPs and report utilisation against a measured matmul peak")
+    p.add_argument("--flops", action="store_true",
+                   help="count FLOPs and report utilisation against a measured matmul peak")
     p.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the simulated-device runs")
     p.add_argument("--sim-saturation", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--quick", action="store_true", help="small runs (a few minutes on 2 CPU cores)")
