@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 K8S_OVERLAY ?= cpu
 
-.PHONY: setup system-deps serve test verify bench bench-triton triton loadtest reliability train clean lock k8s hadolint
+.PHONY: setup system-deps serve lint test verify bench bench-triton triton loadtest reliability train clean lock k8s hadolint
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ system-deps:
 	@if command -v npm >/dev/null && [ ! -d tests/e2e/node_modules/playwright-core ]; then \
 	  cd tests/e2e && npm ci --no-audit --no-fund; fi
 
-test: setup system-deps
+# Lint (ruff: pycodestyle, pyflakes, import order, bugbear, ...) and types (mypy), rules in pyproject.toml.
+lint: setup
+	$(PY) -m ruff check service model_repository
+	$(PY) -m mypy
+
+test: setup system-deps lint
 	$(PY) -m pytest -q
 
 # A local Triton Inference Server on model_repository/ (HTTP 8010, gRPC 8011, metrics 8012).
@@ -64,7 +69,7 @@ train: setup
 
 bench: setup
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,bench]"
-	$(PY) loadtest/bench_engine.py --json docs/bench_engine.json --plot docs/bench_engine.png
+	$(VENV)/bin/alit-serve bench --json docs/bench_engine.json --plot docs/bench_engine.png
 
 # In-process engine vs the same model on a local tritonserver (about 8 minutes on 2 CPU cores).
 bench-triton: setup

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from .cache import Trajectory
 

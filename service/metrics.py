@@ -13,6 +13,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from .engine.observer import LATENCY_BUCKETS, EngineObserver
+
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -26,8 +27,8 @@ class Metrics(EngineObserver):
         self.step_seconds = Histogram("alit_step_seconds", "Wall time of one scheduler step", ["device"],
                                       buckets=LATENCY_BUCKETS, registry=r)
         batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch})
-        self.step_batch = Histogram("alit_step_batch_size", "Images advanced (or reconstructed) in one step", ["device"],
-                                    buckets=batch_buckets, registry=r)
+        self.step_batch = Histogram("alit_step_batch_size", "Images advanced (or reconstructed) in one step",
+                                    ["device"], buckets=batch_buckets, registry=r)
         self.queue_depth = Gauge("alit_queue_depth", "Images waiting for admission", registry=r)
         self.queue_wait_seconds = Histogram("alit_queue_wait_seconds", "Time from submission to admission",
                                     buckets=LATENCY_BUCKETS, registry=r)
@@ -48,7 +49,8 @@ class Metrics(EngineObserver):
         self.cache_available = Gauge("alit_cache_available", "1 when the cache backend answers", registry=r)
         self.rejections = Counter("alit_rejected_total", "Requests refused or abandoned by the engine", ["reason"],
                                 registry=r)
-        self.worker_healthy = Gauge("alit_worker_healthy", "1 when a worker is warm and serving", ["device"], registry=r)
+        self.worker_healthy = Gauge("alit_worker_healthy", "1 when a worker is warm and serving", ["device"],
+                                    registry=r)
         self.model_info = Info("alit_model", "The served model", registry=r)
         self.device_memory = Gauge("alit_device_memory_bytes", "Memory in use per worker device: bytes allocated "
                                    "by torch on a GPU, the process's resident set on the CPU", ["device"], registry=r)

@@ -186,7 +186,7 @@ class Server:
 @pytest.fixture(scope="session")
 def triton_ports(tmp_path_factory):
     """A real tritonserver (nvidia-pytriton wheel) on model_repository/, serving the fixture model."""
-    from service.tritonserver import TritonPorts, start_ready
+    from service.triton_launcher import TritonPorts, start_ready
 
     ports = TritonPorts(free_port(), free_port(), free_port())
     env = {"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"), "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
@@ -216,7 +216,8 @@ def start_server(tmp_path, request):
 
     def start(wait: str = "/readyz", env: dict | None = None, **settings) -> Server:
         """wait: the path that must answer 200 before the server counts as started; env: more variables
-        (e.g. PYTHONPATH with tests/slow_model first, for its test-only slowdowns)."""
+        (e.g. PYTHONPATH with tests/slow_model first, for its test-only slowdowns). A setting given
+        as None is left unset (e.g. model=None: the service's own default, the shipped weights)."""
         if "engine" in request.fixturenames:  # a test run once per engine (the `engine` fixture)
             settings.setdefault("engine", request.getfixturevalue("engine"))
         if settings.get("engine") == "triton":
@@ -226,7 +227,9 @@ def start_server(tmp_path, request):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ALIT_PORT": str(port), "ALIT_DEVICES": "cpu",
                "ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
                "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
-        env.update({f"ALIT_{k.upper()}": str(v) for k, v in settings.items()})
+        env.update({f"ALIT_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
+        for k in [k for k, v in settings.items() if v is None]:
+            env.pop(f"ALIT_{k.upper()}", None)
         env.update(env_extra)
         log = tmp_path / f"server-{port}.log"
         with open(log, "w") as out:

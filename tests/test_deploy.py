@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from conftest import ROOT, free_port, wait_http
 
 BIN = Path(sys.executable).parent
@@ -147,7 +146,8 @@ def test_k8s_renders_offline_and_passes_strict_validation(overlay, tmp_path):
     pod = by["Deployment", "alit-api"]["spec"]["template"]
     api = pod["spec"]["containers"][0]
     assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(api)
-    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz" and api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
     config = by["ConfigMap", "alit-serve-config"]["data"]
     bound = float(config["ALIT_DRAIN_SECONDS"]) + 10  # service/api/server.py: shutdown_bound
     pre_stop = api["lifecycle"]["preStop"]["sleep"]["seconds"]

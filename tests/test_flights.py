@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import redis
-from PIL import Image
-
 from conftest import ROOT, SLOW_MODEL
+from PIL import Image
 
 LEASE_S = 2.0
 
@@ -28,7 +27,8 @@ def png(seed: int) -> bytes:
 
 def two_replicas(start_server, shared_redis_url, cache_prefix, delay_s: str):
     env = {"PYTHONPATH": f"{SLOW_MODEL}{os.pathsep}{ROOT}", "ALIT_TEST_STEP_DELAY_S": delay_s}
-    settings = dict(redis_url=shared_redis_url, cache_prefix=cache_prefix, cache_lease_s=LEASE_S, warmup="false")
+    settings = {"redis_url": shared_redis_url, "cache_prefix": cache_prefix, "cache_lease_s": LEASE_S,
+                "warmup": "false"}
     servers = start_server(env=env, **settings), start_server(env=env, **settings)
     # Open each process's Redis connections before the measured requests: on a loaded machine a first
     # connect can exceed the cache's 0.25 s timeout, and Redis "down" rightly means per-process only.
@@ -90,4 +90,5 @@ def test_a_replica_takes_over_when_the_leader_dies(start_server, shared_redis_ur
         print(f"leader killed -> b's 10 waiters answered after {time.monotonic() - killed:.1f}s (lease TTL {LEASE_S}s)")
     assert [r.status_code for r in answered] == [200] * 20, [r.text for r in answered if r.status_code != 200]
     assert len({tuple(r.json()["results"][0]["token_ids"]) for r in answered}) == 1
-    assert count((b,), "alit_cache_requests_total", result="miss") - b_misses0 == 1  # b computed once, after a's lease expired, for all of its waiters
+    # b computed once, after a's lease expired, for all of its waiters
+    assert count((b,), "alit_cache_requests_total", result="miss") - b_misses0 == 1

@@ -16,12 +16,11 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 
 import uvicorn
 
-from ..config import SHIPPED_WEIGHTS, Settings
+from ..settings import SHIPPED_WEIGHTS, Settings
 from .app import create_app
 
 log = logging.getLogger("alit.server")
@@ -63,16 +62,12 @@ class DrainingServer(uvicorn.Server):
         svc = state.svc
         if self._drain_task is not None or svc is None:
             return super().handle_exit(sig, frame)  # second signal, or nothing to drain: stop now
-        svc.start_draining()
+        svc.start_draining()  # readiness and new requests turn 503 now, before the task first runs
         log.info("signal %s: draining (up to %.0fs)", sig, svc.settings.drain_seconds)
         self._drain_task = asyncio.get_event_loop().create_task(self._drain(svc))
 
     async def _drain(self, svc) -> None:
-        deadline = time.monotonic() + svc.settings.drain_seconds
-        await asyncio.sleep(0.05)  # let requests that were just accepted register
-        while svc.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if svc.busy:
+        if not await svc.drain(svc.settings.drain_seconds):
             log.warning("drain timeout: %d requests still in flight", svc.inflight)
         self.should_exit = True
 

@@ -29,10 +29,21 @@ class Policy:
         """Images that may be admitted now, with `active` images running."""
         return max(0, self.max_batch - active)
 
+    def calibrate(self, knee: int) -> None:
+        """The measured cost curve's knee (see admission.py); only continuous batching uses it."""
+
 
 @dataclass
 class Continuous(Policy):
     name: ClassVar[str] = "continuous"
+    in_flight_limit: int | None = None  # from the worker's measured cost curve (admission.py)
+
+    def capacity(self, active: int) -> int:
+        limit = self.max_batch if self.in_flight_limit is None else min(self.max_batch, self.in_flight_limit)
+        return max(0, limit - active)
+
+    def calibrate(self, knee: int) -> None:
+        self.in_flight_limit = knee
 
 
 @dataclass

@@ -12,7 +12,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from ..model.alit import ALIT, quality
+from ..model.alit import ALIT, content_seed, quality
+from ..model.precision import precision
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
 
@@ -60,9 +61,7 @@ class ModelRunner:
         model.batch_mode = batch_mode  # type: ignore[assignment]
 
     def precision(self) -> contextlib.AbstractContextManager:
-        if self.dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=getattr(torch, self.dtype))
+        return precision(self.device, self.dtype)
 
     @contextlib.contextmanager
     def _timed(self, stage: str, iterations: Sequence[int], weights: Sequence[int]) -> Iterator[None]:
@@ -96,7 +95,9 @@ class ModelRunner:
     def prepare(self, jobs: list[TokenizeJob]) -> list:
         """VQGAN-encode the admitted images: an ImageState (or ItemFailed) per job."""
         with self._timed("prepare", [0] * len(jobs), [1] * len(jobs)):
-            return self.call(lambda js: self.model.prepare(torch.stack([j.image for j in js]).to(self.device)), jobs)
+            return self.call(lambda js: self.model.prepare(
+                torch.stack([j.image for j in js]).to(self.device),
+                seeds=[content_seed(j.image) for j in js]), jobs)  # hashed where the pixels are: the CPU
 
     def advance(self, jobs: list[TokenizeJob], halting: bool) -> list:
         """One recurrent iteration for every job, whatever its iteration: a StepOutput per job.

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ..model.alit import ALIT, StepOutput
+from ..model.alit import StepOutput
 from .errors import DeadlineExceeded, StepFailed
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
@@ -30,22 +30,21 @@ from .targets import ModelLimits
 
 
 class Scheduler:
-    def __init__(self, model: ALIT, device: str, policy: Policy, observer: EngineObserver, *,
-                 halting: bool = True, dtype: str = "float32", batch_mode: str = "packed"):
-        self.runner = ModelRunner(model, device, dtype, batch_mode, observer)
-        self.device = device
+    """`runner` executes (a `ModelRunner`, or the benchmark's simulated device); the scheduler only
+    decides and keeps each image's records."""
+
+    def __init__(self, runner: ModelRunner, policy: Policy, observer: EngineObserver, limits: ModelLimits, *,
+                 halting: bool = True):
+        self.runner = runner
+        self.device = runner.device
         self.policy = policy
         self.halting = halting
         self.observer = observer
-        self.limits = ModelLimits(model.cfg.tokens_per_iter, model.cfg.max_iters)
+        self.limits = limits
         self.active: list[TokenizeJob] = []
         self.steps = 0
         self.step_time = 0.05  # EWMA of step wall time, seconds (for Retry-After estimates)
         self.pixel_decodes = 0
-
-    @property
-    def model(self) -> ALIT:
-        return self.runner.model
 
     def capacity(self) -> int:
         return self.policy.capacity(len(self.active))
@@ -151,11 +150,13 @@ class Scheduler:
                     j.pixel_decodes += 1
             self.pixel_decodes += len(measured)
         done = []
-        for j, o in stepped:
+        ids_cpu = torch.cat([o.token_ids for _, o in stepped]).to("cpu", torch.int32).split(
+            [o.token_ids.shape[0] for _, o in stepped]) if stepped else []  # one device-to-host copy
+        for (j, _), ids in zip(stepped, ids_cpu):
             if j.future.done():  # its decode or measurement failed
                 continue
             l1, psnr = measured.get(id(j), (None, None))
-            if self._record(j, o, l1, psnr):
+            if self._record(j, ids.numpy(), l1, psnr):
                 done.append(j)
         if done:
             finished = set(map(id, done))
@@ -163,10 +164,10 @@ class Scheduler:
             for j in done:
                 self._retire(j)
 
-    def _record(self, j: TokenizeJob, o: StepOutput, l1: float | None, psnr: float | None) -> bool:
+    def _record(self, j: TokenizeJob, token_ids, l1: float | None, psnr: float | None) -> bool:
         """Store this iteration's outcome; True when the image is done."""
         n = j.state.iteration
-        rec = IterationRecord(n, o.token_ids.to("cpu", torch.int32).numpy(), l1, psnr)
+        rec = IterationRecord(n, token_ids, l1, psnr)
         j.records[n] = rec
         if j.progress is not None:
             j.progress(rec)

@@ -24,9 +24,11 @@ import torch
 from ..model.checkpoint import LoadedModel
 from .errors import EngineStopped, QueueFull
 from .observer import EngineObserver
+from .admission import CostCurve, measure_cost_curve
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .policies import make_policy
 from .records import IterationRecord, TokenizeResult
+from .runner import ModelRunner
 from .scheduler import Scheduler
 from .targets import ModelLimits, Target, check_token_ids
 
@@ -61,6 +63,7 @@ class EngineSettings:
     dtype: str = "float32"
     lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill
     warmup: bool = True
+    admission: str = "max_batch"  # max_batch | measured: in flight up to the cost curve's knee (at warm-up)
 
 
 class WorkQueue:
@@ -106,10 +109,11 @@ class Worker(threading.Thread):
         self.engine = engine
         self.device = device
         st = engine.settings
+        self.runner = ModelRunner(model, device, st.dtype, st.batch_mode, engine.observer)
         policy = make_policy(st.policy, st.max_batch, st.lockstep_max_delay)
-        self.scheduler = Scheduler(model, device, policy, engine.observer, halting=st.halting, dtype=st.dtype,
-                                   batch_mode=st.batch_mode)
+        self.scheduler = Scheduler(self.runner, policy, engine.observer, engine.limits, halting=st.halting)
         self.warm = False
+        self.cost_curve: CostCurve | None = None
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self._stop_event = threading.Event()
@@ -124,13 +128,19 @@ class Worker(threading.Thread):
 
     def warm_up(self) -> None:
         """One image through every iteration with a quality target: compiles kernels, fills caches."""
-        cfg = self.scheduler.model.cfg
+        cfg = self.runner.model.cfg
         img = torch.rand(3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
         job = TokenizeJob(image=img, target=Target(max_l1=1e-9))  # never met: runs every iteration
         self.scheduler.step([job])
         while self.scheduler.active:
             self.scheduler.step([])
         job.future.result(timeout=0)
+        if self.engine.settings.admission == "measured":
+            st = self.engine.settings
+            self.cost_curve = measure_cost_curve(self.runner, self.engine.limits, st.max_batch, st.halting)
+            self.scheduler.policy.calibrate(self.cost_curve.knee())
+            log.info("%s: step cost curve %s -> at most %d images in flight", self.device,
+                     {n: round(s * 1000, 1) for n, s in self.cost_curve.step_seconds.items()}, self.cost_curve.knee())
         self.warm = True
 
     def stop(self) -> None:
@@ -242,7 +252,7 @@ class Engine:
     def set_fault_hook(self, hook) -> None:
         """Tests and fault drills: `hook(jobs)` runs before every model call and may raise."""
         for w in self.workers:
-            w.scheduler.runner.fault_hook = hook
+            w.runner.fault_hook = hook
 
     @property
     def pixel_decodes(self) -> int:

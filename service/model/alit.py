@@ -103,15 +103,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def pack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int, int]], list[slice]]:
-    """Concatenate (L_i, W) sequences, grouped by length: (packed (N, W), runs of (start, count,
-    length) for `forward_packed`, each input sequence's rows in the packed tensor)."""
-    order = sorted(range(len(seqs)), key=lambda i: seqs[i].shape[0])
+Seq = torch.Tensor | tuple[torch.Tensor, ...]  # a sequence, or the pieces it is the concatenation of
+
+
+def _len(s: Seq) -> int:
+    return s.shape[0] if isinstance(s, torch.Tensor) else sum(p.shape[0] for p in s)
+
+
+def pack(seqs: list[Seq]) -> tuple[torch.Tensor, list[tuple[int, int, int]], list[slice]]:
+    """Concatenate (L_i, W) sequences (or their pieces), grouped by length, in ONE copy: (packed
+    (N, W), runs of (start, count, length) for `forward_packed`, each sequence's rows)."""
+    order = sorted(range(len(seqs)), key=lambda i: _len(seqs[i]))
     rows: list[slice] = [slice(0)] * len(seqs)
     groups: list[tuple[int, int, int]] = []
     start = 0
     for i in order:
-        n = seqs[i].shape[0]
+        n = _len(seqs[i])
         if groups and groups[-1][2] == n:
             s0, c, _ = groups[-1]
             groups[-1] = (s0, c + 1, n)
@@ -119,11 +126,12 @@ def pack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int, i
             groups.append((start, 1, n))
         rows[i] = slice(start, start + n)
         start += n
-    packed = seqs[order[0]] if len(seqs) == 1 else torch.cat([seqs[i] for i in order])
+    pieces = [p for i in order for p in ((seqs[i],) if isinstance(seqs[i], torch.Tensor) else seqs[i])]
+    packed = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return packed, groups, rows
 
 
-def run_blocks(blocks: nn.ModuleList, seqs: list[torch.Tensor], mode: BatchMode) -> list[torch.Tensor]:
+def run_blocks(blocks: nn.ModuleList, seqs: list[Seq], mode: BatchMode) -> list[torch.Tensor]:
     """Run a list of (L_i, W) sequences of possibly different lengths through `blocks`.
 
     "packed": every sequence's tokens concatenated (no padding), each LayerNorm / linear / MLP one
@@ -137,12 +145,13 @@ def run_blocks(blocks: nn.ModuleList, seqs: list[torch.Tensor], mode: BatchMode)
             x = blk(x, key_mask)
         return x
 
-    lengths = [s.shape[0] for s in seqs]
     if mode == "packed":
         x, groups, rows = pack(seqs)
         for blk in blocks:
             x = blk.forward_packed(x, groups)
         return [x[r] for r in rows]
+    seqs = [s if isinstance(s, torch.Tensor) else torch.cat(s) for s in seqs]
+    lengths = [s.shape[0] for s in seqs]
     out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     if mode == "padded" and len(set(lengths)) > 1:
         lmax = max(lengths)
@@ -246,11 +255,18 @@ def _iteration_seed(seed: int, iteration: int) -> int:
     return (seed + (iteration + 1) * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
+def halting_uniforms(seeds: list[int], iterations: list[int], cells: int) -> torch.Tensor:
+    """(B, cells) uniforms on the CPU, row i from image i's own generator for its iteration: an
+    image's halting draws never depend on its batch-mates. Compare with p for Bernoulli(p) draws."""
+    out = torch.empty(len(seeds), cells, dtype=torch.float32)
+    for i, (seed, it) in enumerate(zip(seeds, iterations)):
+        torch.rand(cells, generator=torch.Generator(device="cpu").manual_seed(_iteration_seed(seed, it)), out=out[i])
+    return out
+
+
 def halting_draws(seed: int, iteration: int, probs: torch.Tensor) -> torch.Tensor:
     """Bernoulli(p) draws for one image and one iteration from a generator of its own."""
-    g = torch.Generator(device="cpu").manual_seed(_iteration_seed(seed, iteration))
-    u = torch.rand(probs.shape, generator=g, dtype=torch.float32)
-    return u.to(probs.device) < probs.float()
+    return halting_uniforms([seed], [iteration], probs.numel())[0].view(probs.shape).to(probs.device) < probs.float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,31 +388,44 @@ class ALIT(nn.Module):
             gt = torch.stack([s.gt_indices for s in states])
             probs = logits.softmax(-1).gather(2, gt[:, :, None])[:, :, 0]  # (B, G)
             if draws is not None:
-                drawn = torch.stack([d.to(self.device).bool() for d in draws])
+                drawn = torch.stack([d.bool() for d in draws]).to(self.device)
             else:
-                drawn = torch.stack([halting_draws(s.seed, s.iteration, p) for s, p in zip(states, probs)])
+                u = halting_uniforms([s.seed for s in states], [s.iteration for s in states], probs.shape[1])
+                drawn = u.to(self.device, non_blocking=True) < probs
             drop = drawn & (probs >= threshold)
             mask_tok = self.encoder_positional_embedding[1:] + self.encoder_mask_token[0]
-            for i, (o, h) in enumerate(zip(outs, hs)):
+            img = torch.stack([h[1:g1] for h in hs])
+            img = torch.where(drop[:, :, None], mask_tok.to(img.dtype), img)  # (B, G, W)
+            for i, o in enumerate(outs):
                 o.logits, o.pred_gt_prob, o.drop_mask = logits[i], probs[i], drop[i]
-                img = torch.where(drop[i][:, None], mask_tok.to(h.dtype), h[1:g1])
-                hs[i] = torch.cat([h[:1], img, h[g1:]])
+            parts = [(h[:1], img[i], h[g1:]) for i, h in enumerate(hs)]
+        else:
+            parts = [(h,) for h in hs]
         # compute every next sequence before touching any state: a failure leaves all unchanged
-        next_x = self._next_inputs(states, hs)
+        next_x = self._next_inputs(states, parts)
         for s, o, x in zip(states, outs, next_x):
             s.iteration += 1
             s.token_ids = o.token_ids
             s.x = x
         return outs
 
-    def _next_inputs(self, states: list[ImageState], hs: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """ln_recursive([h ++ fresh latents]) for every image that has an iteration left, in one call."""
+    def _next_inputs(self, states: list[ImageState], parts: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor | None]:
+        """ln_recursive([h ++ fresh latents]) for every image that has an iteration left: one copy,
+        one LayerNorm over all of them (per token, so each image's result is its own)."""
         keep = [i for i, s in enumerate(states) if s.iteration + 1 < self.cfg.max_iters]
         out: list[torch.Tensor | None] = [None] * len(states)
         if not keep:
             return out
-        seqs = [torch.cat([hs[i], self._fresh_latents(states[i].iteration + 1).to(hs[i].dtype)]) for i in keep]
-        normed = self.encoder_ln_recursive(torch.cat(seqs)).split([x.shape[0] for x in seqs])
+        fresh: dict[int, torch.Tensor] = {}
+        pieces: list[torch.Tensor] = []
+        lengths = []
+        for i in keep:
+            k = states[i].iteration + 1
+            if k not in fresh:
+                fresh[k] = self._fresh_latents(k).to(parts[i][0].dtype)
+            pieces += [*parts[i], fresh[k]]
+            lengths.append(sum(p.shape[0] for p in parts[i]) + fresh[k].shape[0])
+        normed = self.encoder_ln_recursive(torch.cat(pieces)).split(lengths)
         for i, x in zip(keep, normed):
             out[i] = x
         return out
@@ -415,7 +444,7 @@ class ALIT(nn.Module):
         ids_all = torch.cat([ids.to(self.device) for ids in token_ids])
         pos = torch.cat([dec.latent_token_positional_embedding[:n] for n in counts])
         lat = dec.ln_pre(dec.decoder_embed(code[ids_all].to(two_d.dtype)) + pos)
-        seqs = [torch.cat([two_d, part]) for part in lat.split(counts)]
+        seqs: list[Seq] = [(two_d, part) for part in lat.split(counts)]
         ys = run_blocks(dec.transformer, seqs, self.batch_mode)
         grid = torch.stack([y[1 : cfg.num_image_tokens + 1] for y in ys])
         return dec.ffn(dec.ln_post(grid)).float()

@@ -3,13 +3,13 @@ across replicas, service/flights.py), engine, cache merge."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from ..cache import Trajectory, cache_key
-from ..engine import IterationRecord, Target
+from ..engine import EngineInterface, IterationRecord, Target
 from ..flights import LocalFlights, ReplicaFlights
 
 
@@ -25,7 +25,7 @@ class Outcome:
 
 
 class TokenizePipeline:
-    def __init__(self, engine, cache, halting_tag: str, observer=None, lease_ttl_s: float = 10.0):
+    def __init__(self, engine: EngineInterface, cache, halting_tag: str, observer=None, lease_ttl_s: float = 10.0):
         self.engine = engine
         self.cache = cache
         self.fingerprint = engine.loaded.fingerprint
@@ -46,7 +46,6 @@ class TokenizePipeline:
         while True:
             hit = stored.lookup(target, limits) if stored is not None else None
             if hit is not None:
-                self.cache.stats.hits += 1
                 self._event("hit")
                 return self._from_trajectory(stored, hit, progress)
             leader = self.flights.leader(key)
@@ -65,26 +64,26 @@ class TokenizePipeline:
             raise
         if stored is not None:
             self.flights.done(key, stored)
-            self.cache.stats.hits += 1
             self._event("hit")
             return self._from_trajectory(stored, stored.lookup(target, limits), progress)
         return await self._compute(key, image, target, deadline, progress, tag, lead=True, lease=lease)
 
     async def _compute(self, key, image, target, deadline, progress, tag, lead: bool, lease=None) -> Outcome:
-        self.cache.stats.misses += 1
         self._event("miss")
         trajectory = None
         try:
-            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress, tag=tag)
-            trajectory = Trajectory().merge(r.trajectory)
-            await self.cache.merge(key, r.trajectory)
+            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress,
+                                           tag=tag)
+            records = r.trajectory or []  # asked for: every iteration run
+            trajectory = Trajectory().merge(records)
+            await self.cache.merge(key, records)
         finally:
             if lease is not None:
                 await lease.release()
             if lead:
                 self.flights.done(key, trajectory)
-        chosen = next(x for x in r.trajectory if x.iteration == r.selected_iteration)
-        return Outcome(chosen, r.iterations, r.target_met, False, r.trajectory,
+        chosen = next(x for x in records if x.iteration == r.selected_iteration)
+        return Outcome(chosen, r.iterations, r.target_met, False, records,
                        r.timings["queue_s"], r.timings["compute_s"])
 
     @staticmethod

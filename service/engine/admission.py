@@ -1,0 +1,92 @@
+"""Admission by measured cost: how many images in flight still buy throughput on this device.
+
+At warm-up a worker times steady-state steps of a real scheduler at several numbers n of images in
+flight (admissions, one packed iteration, quality checks and the scheduler's own work included). On a GPU the step costs about the same for 1 or 32 images, so
+per-image cost falls all the way and every slot is worth filling; on a CPU it is nearly linear, so
+past a point more images in flight only stretch everyone's latency for no throughput. The limit is
+the smallest count whose per-image cost is within `TOLERANCE` of the best measured: no per-machine
+constant to tune, the curve decides.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .jobs import Job, TokenizeJob
+from .observer import EngineObserver
+from .policies import Continuous
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .targets import ModelLimits, Target
+
+TOLERANCE = 0.10  # per-image cost within 10 % of the best measured counts as "as cheap"
+
+
+@dataclass
+class CostCurve:
+    step_seconds: dict[int, float] = field(default_factory=dict)  # images in the step -> seconds
+
+    def per_image(self, n: int) -> float:
+        return self.step_seconds[n] / n
+
+    def best_per_image(self) -> float:
+        return min(self.per_image(n) for n in self.step_seconds)
+
+    def knee(self) -> int:
+        """The fewest images in flight whose per-image cost is within TOLERANCE of the best."""
+        best = self.best_per_image()
+        return min(n for n in self.step_seconds if self.per_image(n) <= best * (1 + TOLERANCE))
+
+    def to_dict(self) -> dict:
+        return {"step_seconds": {str(n): s for n, s in sorted(self.step_seconds.items())},
+                "per_image_seconds": {str(n): self.per_image(n) for n in sorted(self.step_seconds)},
+                "knee": self.knee()}
+
+
+def sizes_up_to(max_batch: int) -> list[int]:
+    out, n = [], 1
+    while n < max_batch:
+        out.append(n)
+        n *= 2
+    return [*out, max_batch]
+
+
+def measure_cost_curve(runner: ModelRunner, limits: ModelLimits, max_batch: int, halting: bool,
+                       repeats: int = 3) -> CostCurve:
+    """Time steady-state steps of a real scheduler on `runner` at 1, 2, 4, ... max_batch images in
+    flight: every step admits k = n / (max_iters / 2) new images (an image stays about half the
+    iterations) while the k oldest leave, so a step holds what a busy step holds — the encode of its
+    admissions, one packed iteration for all n, their quality checks, and the scheduler's own work.
+    The best of `repeats` steps per size; nothing is kept (a scheduler and images of its own)."""
+    cfg = runner.model.cfg
+    sched = Scheduler(runner, Continuous(max_batch=max_batch), EngineObserver(), limits, halting=halting)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2 * max_batch, 3, cfg.img_size, cfg.img_size, generator=g)
+    never = Target(max_l1=1e-9)  # quality measured at every iteration, never met
+    counter = iter(range(1 << 30))
+
+    def new_jobs(k: int) -> list[Job]:
+        return [TokenizeJob(image=images[next(counter) % len(images)], target=never) for _ in range(k)]
+
+    curve = CostCurve()
+    for n in sizes_up_to(max_batch):
+        k = max(1, round(n / max(1.0, limits.max_iters / 2)))
+        sched.step(new_jobs(n))
+        best = float("inf")
+        for r in range(repeats + 1):  # the first step warms this size's shapes
+            for j in sched.active[:k]:
+                j.future.cancel()
+            t = time.perf_counter()
+            sched.step(new_jobs(k))
+            if runner.device.startswith("cuda"):
+                torch.cuda.synchronize(runner.device)
+            if r:
+                best = min(best, time.perf_counter() - t)
+        curve.step_seconds[n] = best
+        for j in sched.active:
+            j.future.cancel()
+        sched.step([])
+    return curve
