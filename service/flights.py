@@ -74,10 +74,16 @@ class ReplicaFlights:
         while True:
             token = uuid.uuid4().hex
             got = await self.cache.acquire_lease(key, token, self.lease_ttl_s)
-            if got is None:
-                return None, None  # no Redis: per-process single-flight only
-            if got:
-                return Lease(self.cache, key, token, self.lease_ttl_s), None
+            if got is not False:  # ours (True), or no Redis (None: per-process single-flight only)
+                lease = Lease(self.cache, key, token, self.lease_ttl_s) if got else None
+                # look once more: a leader (here or elsewhere) may have stored the answer since our
+                # first lookup, between it and becoming leader
+                stored = await self.cache.get(key)
+                if stored is not None and answers(stored):
+                    if lease is not None:
+                        await lease.release()
+                    return None, stored
+                return lease, None
             while True:  # another replica holds the lease: wait for its result
                 await asyncio.sleep(self.poll_s)
                 stored = await self.cache.get(key)

@@ -30,7 +30,8 @@ def test_readyz_names_a_failing_workers_last_error_and_recovers():
     settings = Settings(model=str(FIXTURE / "checkpoint.pth"), devices="cpu", warmup=False, demo_page=False)
     ids = {"token_ids": [k % 200 for k in range(32)]}
     with TestClient(create_app(settings)) as client:
-        assert client.get("/readyz").status_code == 200
+        # the model loads in the background: `starting` first, then ready
+        assert _wait(lambda: client.get("/readyz").status_code == 200, timeout=60)
         worker = client.app.state.svc.engine.workers[0]  # type: ignore[attr-defined]
         real_step = worker.scheduler.step
 
