@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.bench import DEFAULT_IMAGES, workload  # noqa: E402
-from service.engine import ModelLimits, Target  # noqa: E402
-from service.engine.records import IterationRecord  # noqa: E402
-from service.model.measure import iterate_and_measure  # noqa: E402
-from service.model.registry import resolve  # noqa: E402
+from service.bench import DEFAULT_IMAGES, workload
+from service.engine import ModelLimits, Target
+from service.engine.records import IterationRecord
+from service.model.measure import iterate_and_measure
+from service.model.registry import resolve
 
 
 def measure(model, pixels: torch.Tensor, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
