@@ -194,7 +194,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-delay", type=float, default=0.010, help="lock-step batcher's max queue delay (s)")
     p.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
     p.add_argument("--admission", default="max_batch", choices=["max_batch", "measured"],
-                   help="continuous batching's in-flight limit: max_batch, or the knee of a cost curve measured at warm-up")
+                   help="continuous batching's in-flight limit: max_batch, or the knee of a cost curve "
+                        "measured at warm-up")
     p.add_argument("--no-halting", action="store_true", help="turn 2D-token halting off")
     p.add_argument("--crops", type=int, default=24)
     p.add_argument("--saturation-requests", type=int, help="default 256 (--quick: 128)")

@@ -1,9 +1,10 @@
 """Admission by measured cost: how many images in flight still buy throughput on this device.
 
 At warm-up a worker times steady-state steps of a real scheduler at several numbers n of images in
-flight (admissions, one packed iteration, quality checks and the scheduler's own work included). On a GPU the step costs about the same for 1 or 32 images, so
-per-image cost falls all the way and every slot is worth filling; on a CPU it is nearly linear, so
-past a point more images in flight only stretch everyone's latency for no throughput. The limit is
+flight (admissions, one packed iteration, quality checks and the scheduler's own work included).
+Where a step costs about the same for 1 or 32 images, per-image cost falls all the way and every
+slot is worth filling; where it grows linearly (a CPU, a compute-bound GPU), past a point more
+images in flight only stretch everyone's latency for no throughput. The limit is
 the smallest count whose per-image cost is within `TOLERANCE` of the best measured: no per-machine
 constant to tune, the curve decides.
 """

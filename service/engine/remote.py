@@ -58,7 +58,7 @@ class TritonEngine:
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
 
     # ----- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> "TritonEngine":
+    def start(self) -> TritonEngine:
         self.local.start()
         self._poll_once()
         self._poller = threading.Thread(target=self._poll, name="triton-ready", daemon=True)
@@ -74,7 +74,8 @@ class TritonEngine:
             with InferenceServerClient(self.url) as c:
                 up = bool(c.is_model_ready(self.model_name))
                 if not up:
-                    self._ready, self._problem = False, f"model {self.model_name!r} is not ready on Triton at {self.url}"
+                    self._ready = False
+                    self._problem = f"model {self.model_name!r} is not ready on Triton at {self.url}"
                 elif not self._ready:
                     self._check_model(c)
         except EngineUnavailable as e:
