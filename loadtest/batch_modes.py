@@ -2,7 +2,7 @@
 all at the same iteration, or spread over the 8 iterations (4 per iteration, the continuous
 batcher's usual mix); ms per image, best of 5 calls, median of 3 rounds.
 
-    python loadtest/batch_modes.py [--model weights] [--threads 2]
+    python loadtest/batch_modes.py [--model M] [--threads 2]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MODES = ("packed", "cohort", "padded")
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="weights")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="default: the shipped model")
     p.add_argument("--threads", type=int)
     a = p.parse_args()
     if a.threads:

@@ -54,7 +54,7 @@ def answer(l1: np.ndarray, target: Target, limits: ModelLimits, decoded: np.ndar
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="weights")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="default: the shipped model")
     p.add_argument("--crops", type=int, default=400)
     p.add_argument("--json")
     a = p.parse_args()
