@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.model.registry import resolve
+from service.settings import DEFAULT_MODEL
 
 MODES = ("packed", "cohort", "padded")
 

@@ -29,6 +29,7 @@ from service.engine import ModelLimits, Target
 from service.engine.records import IterationRecord
 from service.model.measure import iterate_and_measure
 from service.model.registry import resolve
+from service.settings import DEFAULT_MODEL
 
 
 def measure(model, pixels: torch.Tensor, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
