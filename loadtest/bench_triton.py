@@ -8,7 +8,7 @@
   triton+traj the same with one response per iteration (ALL_ITERATIONS), which is what the API's
               cache asks for under ALIT_ENGINE=triton.
 
-Workload, targets and arrivals are bench_engine.py's (calibrated on the model measured): one
+Workload, targets and arrivals are `alit-serve bench`'s (service/bench; calibrated on the model measured): one
 saturation run (everything queued at t=0), then Poisson arrivals at fractions of the in-process
 saturation throughput. Both sides use the same number of torch threads.
 
