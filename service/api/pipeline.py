@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .. import tracing
 from ..cache import SingleFlight, Trajectory, cache_key
 from ..engine import Engine, IterationRecord, Target
+
+log = logging.getLogger("alit.pipeline")
 
 
 @dataclass
@@ -39,12 +43,16 @@ class TokenizePipeline:
                        progress: Callable[[IterationRecord], None] | None = None, tag: str | None = None) -> Outcome:
         key = cache_key(image, self.fingerprint, self.halting_tag)
         limits = self.engine.limits
-        stored = await self.cache.get(key)
+        with tracing.span("cache lookup", **{"alit.cache.backend": self.cache.backend}) as sp:
+            stored = await self.cache.get(key)
+            if sp is not None:
+                sp.set_attribute("alit.cache.iterations_stored", len(stored) if stored is not None else 0)
         while True:
             hit = stored.lookup(target, limits) if stored is not None else None
             if hit is not None:
                 self.cache.stats.hits += 1
                 self._event("hit")
+                log.debug("cache hit: %d of %d stored iterations", hit.iterations, len(stored))
                 return self._from_trajectory(stored, hit, progress)
             leader = self.flights.leader(key)
             if leader is None:
@@ -58,17 +66,47 @@ class TokenizePipeline:
     async def _compute(self, key, image, target, deadline, progress, tag, lead: bool) -> Outcome:
         self.cache.stats.misses += 1
         self._event("miss")
+        log.debug("cache miss: computing (%s)", "leader" if lead else "not single-flight")
         trajectory = None
         try:
-            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress, tag=tag)
+            r = await self._run_engine(image, target, deadline, progress, tag)
             trajectory = Trajectory().merge(r.trajectory)
-            await self.cache.merge(key, r.trajectory)
+            with tracing.span("cache merge", **{"alit.cache.iterations": len(r.trajectory)}):
+                await self.cache.merge(key, r.trajectory)
         finally:
             if lead:
                 self.flights.done(key, trajectory)
         chosen = next(x for x in r.trajectory if x.iteration == r.selected_iteration)
         return Outcome(chosen, r.iterations, r.target_met, False, r.trajectory,
                        r.timings["queue_s"], r.timings["compute_s"])
+
+    async def _run_engine(self, image, target, deadline, progress, tag):
+        """engine.tokenize; with tracing on, inside an `engine` span with `queue wait` and `compute`
+        children timed by the engine, compute carrying one event per iteration."""
+        if not tracing.ENABLED:
+            return await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress,
+                                              tag=tag)
+        seen: list[tuple[float, IterationRecord]] = []
+
+        def record(rec: IterationRecord) -> None:
+            seen.append((tracing.now(), rec))
+            if progress is not None:
+                progress(rec)
+
+        with tracing.span("engine", **{"alit.target": target.kind}) as sp:
+            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=record, tag=tag)
+            end = tracing.now()
+            t = r.timings
+            start = end - t.get("total_s", t["queue_s"] + t["compute_s"])
+            admitted = start + t["queue_s"]
+            sp.set_attributes({"alit.iterations": r.iterations, "alit.num_tokens": r.num_tokens,
+                               "alit.target_met": r.target_met})
+            tracing.past_span("queue wait", start, admitted)
+            tracing.past_span("compute", admitted, end, events=[
+                ("iteration", at, {"alit.iteration": rec.iteration, "alit.tokens": int(rec.token_ids.shape[0]),
+                                   "alit.l1": rec.l1, "alit.psnr": rec.psnr}) for at, rec in seen],
+                **{"alit.iterations": r.iterations})
+        return r
 
     @staticmethod
     def _from_trajectory(traj: Trajectory, hit, progress) -> Outcome:

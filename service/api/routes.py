@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import IterationRecord, Target, parse_target
-from ..imaging import ImageLimits, decode_image, preprocess, to_png
+from ..engine import IterationRecord, Target
+from .. import tracing
+from ..imaging import to_png
 from ..model.presets import preset_name_of
 from .auth import require_key
 from .errors import ERROR_RESPONSES, ApiError, error_body, to_api_error
@@ -175,21 +176,12 @@ async def _result_json(svc, out: Outcome, target: Target, include_reconstruction
                     "total_ms": (time.monotonic() - started) * 1e3},
     }
     if include_reconstruction:
-        (pixels,) = await svc.engine.reconstruct([rec.token_ids], deadline=deadline)
+        with tracing.span("reconstruct", **{"alit.num_tokens": int(rec.token_ids.shape[0])}):
+            (pixels,) = await svc.engine.reconstruct([rec.token_ids], deadline=deadline)
         res["reconstruction_png"] = base64.b64encode(to_png(pixels)).decode()
     if all_iterations:
         res["all_iterations"] = [_iteration_json(r) for r in out.trajectory]
     return res
-
-
-def _prepare_images(svc, items: list[tuple[bytes, dict]]) -> list[tuple[torch.Tensor, Target]]:
-    s = svc.settings
-    limits = ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-    out = []
-    for data, spec in items:
-        target = parse_target(spec, svc.engine.limits, svc.default_target)
-        out.append((preprocess(decode_image(data, limits), svc.engine.loaded.config.img_size), target))
-    return out
 
 
 @router.post("/v1/tokenize", response_model=TokenizeResponse, tags=["tokenize"], openapi_extra=TOKENIZE_BODY,
@@ -206,7 +198,7 @@ async def tokenize(request: Request):
     started = time.monotonic()
     deadline = _deadline(request)
     items, include_rec, all_iters, stream = await _parse_tokenize(request)
-    prepared = await asyncio.to_thread(_prepare_images, svc, items)
+    prepared = await svc.intake.prepare(items, svc.engine.limits, svc.default_target)
     tag = "fault" if svc.settings.fault_injection and request.headers.get("x-alit-fault") == "step" else None
     if stream:
         return StreamingResponse(_stream(svc, prepared, include_rec, all_iters, started, deadline),
@@ -292,7 +284,8 @@ async def reconstruct(body: ReconstructJSON, request: Request):
     if len(seqs) > svc.settings.max_batch_images:
         raise ApiError(413, "too_many_images", f"token_ids: {len(seqs)} sequences; the limit per request is "
                        f"{svc.settings.max_batch_images}", {"field": "token_ids"})
-    pixels = await svc.engine.reconstruct(seqs, deadline=deadline)  # validated there (range, length)
+    with tracing.span("reconstruct", **{"alit.sequences": len(seqs)}):
+        pixels = await svc.engine.reconstruct(seqs, deadline=deadline)  # validated there (range, length)
     pngs = await asyncio.to_thread(lambda: [to_png(p) for p in pixels])
     if single and "image/png" in request.headers.get("accept", ""):
         return Response(pngs[0], media_type="image/png")

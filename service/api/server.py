@@ -13,6 +13,7 @@ import time
 
 import uvicorn
 
+from .. import logs, tracing
 from ..config import Settings
 from .app import create_app
 
@@ -44,7 +45,14 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    logs.configure(settings.log_format, settings.log_level)
+    tracing.configure()
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+    # log_config=None: uvicorn's loggers keep the format set above; its access log is replaced by the
+    # app's own (request ID and duration). loop/http "auto" pick uvloop and httptools (uvicorn[standard]).
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=max(1, int(settings.drain_seconds)))
-    DrainingServer(config, app).run()
+    try:
+        DrainingServer(config, app).run()
+    finally:
+        tracing.shutdown()  # export the spans still buffered
