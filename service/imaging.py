@@ -43,6 +43,8 @@ class ImageLimits:
 
 
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+DCT_SCALED = {"JPEG", "MPO"}  # decoded at 1/2, 1/4 or 1/8 scale when asked ("draft" mode)
+REDUCE_MARGIN = 2  # other formats: box-reduced only down to twice the asked shorter side
 
 
 def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
@@ -80,7 +82,7 @@ def plan_decode(img: Image.Image, min_side: int | None) -> int:
     at least `min_side` (None: full size): JPEG decodes at 1/2, 1/4 or 1/8 scale (DCT scaling, "draft
     mode"), which changes `img.size` now. Returns the bytes the decoded pixels will take (4 per pixel,
     as Pillow stores RGB), for the caller's decode-memory budget."""
-    if min_side is not None and img.format in ("JPEG", "MPO"):
+    if min_side is not None and img.format in DCT_SCALED:
         w, h = img.size
         k = min_side / min(w, h)
         if k < 1:
@@ -92,12 +94,14 @@ def plan_decode(img: Image.Image, min_side: int | None) -> int:
 def load_image(img: Image.Image, min_side: int | None = None) -> Image.Image:
     """Decode an image from `open_image` (after `plan_decode`) -> RGB; EXIF orientation applied, the
     first frame of an animation. Formats without DCT scaling are shrunk by an integer box `reduce`
-    after decoding, to a shorter side of no less than `min_side`; corrupt data -> ImageError."""
+    after decoding, to a shorter side of no less than 2 x `min_side`; corrupt data -> ImageError."""
     try:
         img.seek(0)  # first frame of an animation
         img.load()
-        if min_side is not None:
-            factor = min(img.size) // min_side
+        if min_side is not None and img.format not in DCT_SCALED:
+            # a box reduce before the bicubic resize changes the input more than DCT scaling does
+            # (docs/intake.md): keep twice the margin
+            factor = min(img.size) // (REDUCE_MARGIN * min_side)
             if factor >= 2:
                 img = img.reduce(factor)
         img = ImageOps.exif_transpose(img) or img
