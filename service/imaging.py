@@ -158,8 +158,10 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 (3, H, W) in [0, 1]."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    img = img.convert("RGB")
+    w, h = img.size
+    hwc = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
+    return hwc.permute(2, 0, 1).contiguous().float().div_(255.0)  # contiguous: hashing it later is 3x faster
 
 
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:

@@ -108,3 +108,45 @@ def test_decode_scale_sets_the_decoded_side():
     assert Intake(ImageLimits(), 64, 0, DecodeBudget(1)).min_side is None  # 0: every pixel
     assert Intake(ImageLimits(), 64, 4, DecodeBudget(1)).min_side == 256
     assert Intake(ImageLimits(), 64, 0.5, DecodeBudget(1)).min_side == 64  # never below the model input
+
+
+def test_repeated_bytes_skip_decoding_until_the_cache_cannot_answer(start_server):
+    """The same upload again is looked up by its digest; when its trajectory was evicted (a cache of
+    one entry here), it is decoded and computed again, with the same answer."""
+    srv = start_server(cache_max_entries="1")
+    a, b = photo((300, 200)), photo((200, 300))
+
+    def post(data):
+        r = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.jpg", data)}, data={"tokens": "64"}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["results"][0]
+
+    first = post(a)
+    again = post(a)
+    assert again["cached"] and again["token_ids"] == first["token_ids"]
+    post(b)  # evicts a's trajectory
+    evicted = post(a)
+    assert not evicted["cached"] and evicted["token_ids"] == first["token_ids"]
+
+
+def test_input_memo_remembers_keys_not_failures():
+    from service.api.intake import Intake
+    from service.engine import ModelLimits, Target
+    from service.imaging import ImageError
+
+    intake = Intake(ImageLimits(), 64, 4, DecodeBudget(10**9), keyer=lambda px: f"k{int(px.sum())}", memo_entries=1)
+    limits, default = ModelLimits(32, 8), Target(max_l1=0.1)
+    data = photo((320, 240))
+
+    async def run():
+        (px, _, key), = await intake.prepare([(data, {})], limits, default)
+        assert not callable(px)
+        (lazy, _, key2), = await intake.prepare([(data, {})], limits, default)
+        assert callable(lazy) and key2 == key and intake.keyer(await lazy()) == key
+        for _ in range(2):
+            with pytest.raises(ImageError):
+                await intake.prepare([(b"junk", {})], limits, default)
+        (px, _, _), = await intake.prepare([(photo((240, 320)), {})], limits, default)
+        assert len(intake.memo) == 1  # bounded
+
+    asyncio.run(run())

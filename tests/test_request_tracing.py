@@ -131,7 +131,7 @@ def test_in_memory_span_tree(tmp_path):
     assert all(s.attributes.get("alit.request_id") == "tree-1" for s in miss)
     t, _ = tree(hit)
     root = next(s for s in hit if s.kind.name == "SERVER")
-    assert t[root.name] == ["cache lookup", "image decode", "reconstruct"]  # a hit: no engine, no merge
+    assert t[root.name] == ["cache lookup", "reconstruct"]  # a hit on bytes seen before: no decode, engine, merge
     assert all(s.attributes.get("alit.request_id") == "tree-2" for s in hit)
 
 

@@ -101,7 +101,8 @@ def build_state(settings: Settings) -> ServiceState:
     pipeline = TokenizePipeline(engine, cache, halting_tag, observer=metrics)
     intake = Intake(ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
                     cfg.img_size, settings.decode_scale,
-                    DecodeBudget(settings.decode_memory_mb * 1024 * 1024, metrics.decode_inflight))
+                    DecodeBudget(settings.decode_memory_mb * 1024 * 1024, metrics.decode_inflight), keyer=pipeline.key,
+                    memo_entries=settings.input_memo_entries)
     return ServiceState(settings, engine, cache, pipeline, Target(max_l1=settings.default_max_l1), model_ref, metrics,
                         intake)
 

@@ -35,13 +35,20 @@ class TokenizePipeline:
         self.flights = SingleFlight()
         self.observer = observer
 
+    def key(self, image: torch.Tensor) -> str:
+        """The image's cache key (model input pixels, model, halting settings)."""
+        return cache_key(image, self.fingerprint, self.halting_tag)
+
     def _event(self, kind: str) -> None:
         if self.observer is not None:
             self.observer.cache(kind)
 
     async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None,
-                       progress: Callable[[IterationRecord], None] | None = None, tag: str | None = None) -> Outcome:
-        key = cache_key(image, self.fingerprint, self.halting_tag)
+                       progress: Callable[[IterationRecord], None] | None = None, tag: str | None = None,
+                       key: str | None = None) -> Outcome:
+        """`image`: the model input, or a coroutine function giving it (decoded only on a miss);
+        `key`: the image's cache key when the caller computed it already (then required for the latter)."""
+        key = key or self.key(image)
         limits = self.engine.limits
         with tracing.span("cache lookup", **{"alit.cache.backend": self.cache.backend}) as sp:
             stored = await self.cache.get(key)
@@ -64,6 +71,13 @@ class TokenizePipeline:
         return await self._compute(key, image, target, deadline, progress, tag, lead=True)
 
     async def _compute(self, key, image, target, deadline, progress, tag, lead: bool) -> Outcome:
+        if callable(image):
+            try:
+                image = await image()
+            except BaseException:
+                if lead:
+                    self.flights.done(key, None)
+                raise
         self.cache.stats.misses += 1
         self._event("miss")
         log.debug("cache miss: computing (%s)", "leader" if lead else "not single-flight")

@@ -204,11 +204,11 @@ async def tokenize(request: Request):
         return StreamingResponse(_stream(svc, prepared, include_rec, all_iters, started, deadline),
                                  media_type="application/x-ndjson")
 
-    async def one(img, target):
-        out = await svc.pipeline.tokenize(img, target, deadline, tag=tag)
+    async def one(img, target, key):
+        out = await svc.pipeline.tokenize(img, target, deadline, tag=tag, key=key)
         return await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
 
-    results = await _unless_disconnected(request, asyncio.gather(*(one(img, t) for img, t in prepared),
+    results = await _unless_disconnected(request, asyncio.gather(*(one(*p) for p in prepared),
                                                                   return_exceptions=True))
     for r in results:  # the first failure decides the response; the rest finished or were cancelled
         if isinstance(r, BaseException):
@@ -241,12 +241,12 @@ async def _stream(svc, prepared, include_rec, all_iters, started, deadline):
     """NDJSON: `iteration` events as each image's iterations complete, then its `result`."""
     events: asyncio.Queue = asyncio.Queue()
 
-    async def one(index: int, img, target):
+    async def one(index: int, img, target, key):
         def progress(rec: IterationRecord):
             events.put_nowait({"event": "iteration", "index": index, **_iteration_json(rec)})
 
         try:
-            out = await svc.pipeline.tokenize(img, target, deadline, progress=progress)
+            out = await svc.pipeline.tokenize(img, target, deadline, progress=progress, key=key)
             res = await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
             events.put_nowait({"event": "result", "index": index, "model": svc.model_ref, **res})
         except Exception as e:
@@ -254,7 +254,7 @@ async def _stream(svc, prepared, include_rec, all_iters, started, deadline):
             events.put_nowait({"event": "error", "index": index, "status": err.status,
                                **error_body(err.code, err.message, err.detail)})
 
-    tasks = [asyncio.create_task(one(i, img, t)) for i, (img, t) in enumerate(prepared)]
+    tasks = [asyncio.create_task(one(i, *p)) for i, p in enumerate(prepared)]
     try:
         remaining = len(tasks)
         while remaining:
