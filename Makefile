@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps serve test verify bench bench-triton triton loadtest reliability train clean
+.PHONY: setup system-deps serve test verify bench bench-triton bench-http triton loadtest reliability train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,13 @@ bench: setup
 # In-process engine vs the same model on a local tritonserver (about 8 minutes on 2 CPU cores).
 bench-triton: setup
 	OMP_NUM_THREADS=1 $(PY) loadtest/bench_triton.py --threads 1 --json docs/bench_triton_cpu.json
+
+# The whole service over HTTP: cache hits and misses (64 px PNG, 12 MP JPEG; 8 and 16 clients) and the
+# resident memory under 32 concurrent 7000x5000 JPEGs (about 6 minutes on 2 CPU cores). Needs ab.
+bench-http: setup
+	@command -v ab >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends apache2-utils; }
+	$(PY) loadtest/bench_http.py --json docs/bench_http.json
 
 verify: setup
 	$(VENV)/bin/alit-serve verify tests/fixtures/alit-reference

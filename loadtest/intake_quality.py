@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,18 @@ async def measure(model: str) -> dict:
             full_ms = (time.perf_counter() - t) * 1e3
             ref_traj, ref_n = await tokens(engine, ref_img)
             ref8 = (ref_img * 255).round()
+            # control: the full decode with 10 % of its values moved by one 8-bit level at random: how much
+            # the tokens move for a change of the size reduced decoding makes
+            gen = torch.Generator().manual_seed(0)
+            step = (torch.rand(ref8.shape, generator=gen) < 0.1) * (torch.randint(0, 2, ref8.shape, generator=gen) * 2 - 1)
+            noisy = (ref8 + step).clamp(0, 255) / 255
+            traj, n = await tokens(engine, noisy)
+            agree = [float((a == b).mean()) for a, b in zip(traj, ref_traj)]
+            rows.append({"image": name, "scale": "control", "input_mean_abs_diff": round(float(((noisy * 255).round() - ref8).abs().mean()), 3),
+                         "token_agreement_per_iteration": [round(a, 3) for a in agree],
+                         "tokens_identical_all_iterations": all(a == 1.0 for a in agree),
+                         "default_target_tokens": n, "default_target_tokens_full_decode": ref_n})
+            print(f"{name:45s} control (10% of values +-1 level): agree@256 {agree[-1]:.3f} default {n} vs {ref_n}", flush=True)
             for scale in SCALES:
                 t = time.perf_counter()
                 decoded = decode_image(data, min_side=max(size, round(scale * size)))
@@ -90,8 +103,19 @@ async def measure(model: str) -> dict:
     finally:
         engine.shutdown()
     summary = {}
+    ctrl = [r for r in rows if r["scale"] == "control"]
+    for group, sel in (("control_12mp", [r for r in ctrl if "12MP" in r["image"]]),
+                       ("control_native", [r for r in ctrl if "12MP" not in r["image"]])):
+        summary[group] = {
+            "images": len(sel), "mean_input_abs_diff": round(float(np.mean([r["input_mean_abs_diff"] for r in sel])), 3),
+            "images_with_identical_tokens": sum(r["tokens_identical_all_iterations"] for r in sel),
+            "mean_token_agreement_at_32": round(float(np.mean([r["token_agreement_per_iteration"][0] for r in sel])), 3),
+            "mean_token_agreement_at_256": round(float(np.mean([r["token_agreement_per_iteration"][-1] for r in sel])), 3),
+            "images_with_same_default_length": sum(r["default_target_tokens"] == r["default_target_tokens_full_decode"]
+                                                   for r in sel)}
     for scale in SCALES:
         sel = [r for r in rows if r["scale"] == scale]
+        big = [r for r in sel if "12MP" in r["image"]]
         summary[str(scale)] = {
             "images": len(sel),
             "mean_input_abs_diff": round(float(np.mean([r["input_mean_abs_diff"] for r in sel])), 3),
@@ -100,6 +124,13 @@ async def measure(model: str) -> dict:
             "mean_token_agreement_at_256": round(float(np.mean([r["token_agreement_per_iteration"][-1] for r in sel])), 3),
             "images_with_same_default_length": sum(r["default_target_tokens"] == r["default_target_tokens_full_decode"]
                                                    for r in sel),
+            "12mp_images_with_identical_tokens": sum(r["tokens_identical_all_iterations"] for r in big),
+            "12mp_mean_token_agreement_at_32": round(float(np.mean([r["token_agreement_per_iteration"][0] for r in big])), 3),
+            "12mp_mean_token_agreement_at_256": round(float(np.mean([r["token_agreement_per_iteration"][-1] for r in big])), 3),
+            "12mp_images_with_same_default_length": sum(r["default_target_tokens"] == r["default_target_tokens_full_decode"]
+                                                        for r in big),
+            "mean_decode_ms_12mp_jpeg": round(float(np.mean([r["decode_ms"] for r in big if r["image"].endswith("jpeg")])), 1),
+            "mean_full_decode_ms_12mp_jpeg": round(float(np.mean([r["full_decode_ms"] for r in big if r["image"].endswith("jpeg")])), 1),
             "mean_decode_ms_12mp": round(float(np.mean([r["decode_ms"] for r in sel if "12MP" in r["image"]])), 1),
             "mean_full_decode_ms_12mp": round(float(np.mean([r["full_decode_ms"] for r in sel if "12MP" in r["image"]])), 1),
         }
