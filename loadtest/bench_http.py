@@ -6,7 +6,7 @@ Starts `alit-serve serve` (the shipped model unless --model, its own Redis as th
 - hits: ApacheBench (`ab -k`, keep-alive, C, little CPU of its own) posting one image that is already
   cached, for --seconds at each concurrency;
 - misses: an asyncio httpx client posting images no request has sent before (each a different
-  brightness of the photo, so every one is computed), for --seconds at each concurrency;
+  square of the photo inverted, so every one is computed), for --seconds at each concurrency;
 - burst: 32 different 7000x5000 JPEGs at once; the server's resident set is sampled from /proc every
   10 ms (peak) and read again 3 s after the burst (what it kept).
 
@@ -55,8 +55,16 @@ def base(size: tuple[int, int]) -> np.ndarray:
 
 
 def variant(arr: np.ndarray, i: int) -> np.ndarray:
-    """The photo `i` levels brighter (wrapping at 40): a different model input for every i."""
-    return np.clip(arr.astype(np.int16) + (i % 40) - 20 + (i // 40) * 3, 0, 255).astype(np.uint8)
+    """The photo with the i-th square of a grid (1/60 of its centre square) inverted: a different model input
+    for every i (the square survives the resize to the model's size)."""
+    out = arr.copy()
+    h, w = arr.shape[:2]
+    side = min(h, w)  # the centre square the model's crop keeps
+    b = max(2, side // 60)
+    cols = side // b
+    r, c = (h - side) // 2 + (i // cols) * b, (w - side) // 2 + (i % cols) * b
+    out[r:r + b, c:c + b] = 255 - out[r:r + b, c:c + b]
+    return out
 
 
 def multipart(data: bytes, name: str, fields: dict) -> bytes:
