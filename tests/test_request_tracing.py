@@ -146,3 +146,71 @@ def test_tracing_is_off_by_default(monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER"):
         tracing.configure()
+
+
+def test_triton_spans_join_the_api_trace(start_server, monkeypatch, tmp_path):
+    """ALIT_ENGINE=triton: the API passes traceparent to a real tritonserver started with its
+    OpenTelemetry tracing (as the README says); Triton's spans arrive at an OTLP/HTTP receiver with
+    the caller's trace id, its request span a child of the API's `engine` span."""
+    import http.server
+    import subprocess
+    import threading
+    import time
+    import urllib.request
+
+    from conftest import free_port
+    from service.tritonserver import TritonPorts, command, prepare_runtime
+
+    received: list[dict] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # Triton exports OTLP over HTTP as JSON, ids in hex
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            received.extend(sp for rs in body["resourceSpans"] for ss in rs["scopeSpans"] for sp in ss["spans"])
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    collector = http.server.HTTPServer(("127.0.0.1", free_port()), Receiver)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    ports = TritonPorts(free_port(), free_port(), free_port())
+    cmd, env = command(prepare_runtime(tmp_path / "runtime"), ports, exit_timeout=3,
+                       extra_env={"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"), "ALIT_TORCH_THREADS": "1"})
+    cmd += ["--trace-config", "mode=opentelemetry", "--trace-config", "level=TIMESTAMPS", "--trace-config", "rate=0",
+            "--trace-config", "count=-1", "--trace-config",
+            f"opentelemetry,url=http://127.0.0.1:{collector.server_address[1]}/v1/traces",
+            "--trace-config", "opentelemetry,bsp_schedule_delay=200"]
+    log = tmp_path / "triton.log"
+    with open(log, "w") as out:
+        triton = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert triton.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/models/alit/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+        monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+        srv = start_server(engine="triton", triton_url=f"127.0.0.1:{ports.grpc}", log_format="json")
+        r = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", PHOTO.read_bytes())}, data={"tokens": "64"},
+                       headers={"traceparent": f"00-{TRACE}-{PARENT}-01"}, timeout=60)
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 20
+        while not any(s["name"] == "InferRequest" for s in received) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        srv.stop()
+    finally:
+        triton.terminate()
+        triton.wait(timeout=30)
+        collector.shutdown()
+    ours = {s["name"]: s for s in received if s["traceId"] == TRACE}
+    assert {"InferRequest", "alit", "compute"} <= set(ours), received
+    api_spans = [o for o in json_objects(srv.log.read_text()) if "context" in o]
+    engine = next(s for s in api_spans if s["name"] == "engine")
+    assert ours["InferRequest"]["parentSpanId"] == engine["context"]["span_id"][2:]
