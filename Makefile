@@ -59,7 +59,7 @@ train: setup
 
 bench: setup
 	$(PIP) install -q -e ".[test,bench]"
-	$(PY) loadtest/bench_engine.py --json docs/bench_engine.json --plot docs/bench_engine.png
+	$(VENV)/bin/alit-serve bench --json docs/bench_engine.json --plot docs/bench_engine.png
 
 # In-process engine vs the same model on a local tritonserver (about 8 minutes on 2 CPU cores).
 bench-triton: setup

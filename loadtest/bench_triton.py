@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
-from bench_engine import build_corpus, calibrate_targets, drive, poisson, workload, write_json  # noqa: E402
+from service.bench import DEFAULT_IMAGES, workload  # noqa: E402
+from service.bench.live import drive, poisson  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.engine import Engine, EngineSettings  # noqa: E402
+from service.engine import Engine, EngineSettings, ModelLimits  # noqa: E402
 from service.engine.remote import TritonEngine  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
 
@@ -100,9 +101,15 @@ def show(name: str, side: dict) -> None:
 
 async def bench(args) -> dict:
     loaded = resolve(args.model)
-    corpus = build_corpus(loaded.config.img_size, args.crops)
-    targets = calibrate_targets(loaded.model, corpus)
-    sat_work = workload(corpus, targets, args.saturation_requests, seed=1)
+    limits = ModelLimits(loaded.config.tokens_per_iter, loaded.config.max_iters)
+    pixels = workload.tensors(workload.corpus(workload.load_folder(DEFAULT_IMAGES), args.crops), loaded.config.img_size)
+    l1, psnr = workload.measure_iterations(loaded.model, pixels, halting=True)
+    targets = workload.calibrate_targets(l1, psnr, limits)
+
+    def work(n: int, seed: int):
+        return [(pixels[r.image], r.target) for r in workload.requests(n, len(pixels), targets, l1, psnr, limits, seed)]
+
+    sat_work = work(args.saturation_requests, seed=1)
     settings = EngineSettings(devices="cpu", max_batch=args.max_batch, max_queue=100_000)
     report = {
         "model": {"spec": args.model, "fingerprint": loaded.fingerprint[:16], "img_size": loaded.config.img_size},
@@ -117,7 +124,7 @@ async def bench(args) -> dict:
     try:
         # the Poisson rates are fractions of the in-process saturation throughput, for both sides
         first = await drive(local, sat_work, [0.0] * len(sat_work))
-        runs = [(f, f * first["throughput"], workload(corpus, targets, args.poisson_requests, seed=2),
+        runs = [(f, f * first["throughput"], work(args.poisson_requests, seed=2),
                  poisson(f * first["throughput"], args.poisson_requests, seed=3)) for f in args.load_fractions]
         report["sides"]["in-process"] = await run_side(local, sat_work, runs)
     finally:
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(bench(args))
     print(json.dumps(report["ratios"], indent=2))
     if args.json:
-        write_json(report, args.json)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .engine.scheduler import IterationRecord
+from .engine.records import IterationRecord
 from .engine.targets import ModelLimits, Target
 
 log = logging.getLogger("alit.cache")

@@ -83,6 +83,18 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(p)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="alit-serve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("fixture", help="fixture directory (config.json, checkpoint.pth, expected.npz)")
     v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    v.add_argument("--batch-mode", default="cohort", choices=["cohort", "padded"])
+    v.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
     v.set_defaults(func=_verify)
 
     t = sub.add_parser("tokenize", help="tokenize an image with a running server")
@@ -121,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("loadtest", help="Locust load steps against a local service or --url; writes a report")
     sub.add_parser("train", help="train the default model (stage 1 VQGAN, stage 2 latent distillation, ...)")
     sub.add_parser("evaluate", help="per-iteration L1/PSNR on a folder of images, and a picture")
+
+    b = sub.add_parser("bench", help="the engine benchmark (continuous vs lock-step vs reference) on a folder of images")
+    _bench_arguments(b)
+    b.set_defaults(func=_bench)
 
     c = sub.add_parser("convert", help="published .pth -> model.safetensors + config.json + MODEL_CARD.md")
     c.add_argument("src")

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     devices: str = Field("auto", description="`auto` (every GPU, else CPU), `cpu`, or `cuda:0,cuda:1`: one worker each.")
     max_batch: int = Field(32, ge=1, description="Images in flight per worker (continuous batching).")
     max_queue: int = Field(256, ge=1, description="Images waiting for admission; beyond it requests get 503 + Retry-After.")
-    batch_mode: str = Field("cohort", pattern="^(cohort|padded)$", description="Mixed iterations: same-length cohorts or one padded call.")
+    batch_mode: str = Field("packed", pattern="^(packed|cohort|padded)$", description="Mixed iterations: packed tokens (attention per image), same-length cohorts, or one padded call.")
     halting: bool = Field(True, description="2D-token dynamic halting during encoding, as the published model runs.")
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$", description="Compute precision (autocast) on the workers.")
     torch_threads: int | None = Field(None, description="torch intra-op CPU threads (default: torch's choice).")

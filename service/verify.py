@@ -9,7 +9,6 @@ below `NEAR_TIE`; continuous ones within the tolerances below. The exit status s
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from .model.alit import ALIT, quality, reference_stop_iteration
+from .model.precision import precision
 from .model.checkpoint import build_model, read_config_file, read_state_dict
 
 NEAR_TIE = 1e-4
@@ -91,12 +91,6 @@ def _np(t) -> np.ndarray:
     return np.asarray(t)
 
 
-def _precision_ctx(device: str, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
-
-
 def run_iterations(model: ALIT, images: torch.Tensor, halting: bool = False, threshold=None, draws=None):
     """Every iteration for a batch: per iteration (step outputs, logits, reconstructions, L1)."""
     states = model.prepare(images)
@@ -111,7 +105,7 @@ def run_iterations(model: ALIT, images: torch.Tensor, halting: bool = False, thr
     return out
 
 
-def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", batch_mode: str = "cohort") -> Report:
+def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", batch_mode: str = "packed") -> Report:
     fx = Path(fixture)
     cfg = read_config_file(fx / "config.json")
     model = build_model(cfg, read_state_dict(fx / "checkpoint.pth")).to(device)
@@ -119,7 +113,7 @@ def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", bat
     exp = np.load(fx / "expected.npz")
     rep = Report("float32" if dtype == "float32" else "reduced")
     images = torch.from_numpy(exp["input"]).to(device)
-    with torch.inference_mode(), _precision_ctx(device, dtype):
+    with torch.inference_mode(), precision(device, dtype):
         z, gt = model.vqgan.encode(images)
         rep.continuous("vqgan_z", z, exp["vqgan_z"])
         rep.discrete("vqgan_indices", gt, exp["vqgan_indices"], exp["vqgan_indices_margin"])

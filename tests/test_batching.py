@@ -29,7 +29,7 @@ def _same_ids(a, b, margin):
     np.testing.assert_array_equal(a[keep], b[keep])
 
 
-@pytest.mark.parametrize("mode", ["cohort", "padded"])
+@pytest.mark.parametrize("mode", ["packed", "cohort", "padded"])
 def test_alone_vs_batch_vs_mixed_iterations(ref_model, images, expected, mode):
     ref_model.batch_mode = mode
     try:
@@ -63,7 +63,7 @@ def test_alone_vs_batch_vs_mixed_iterations(ref_model, images, expected, mode):
             np.testing.assert_allclose(alone_l1[0], batch_l1[b], atol=1e-5, rtol=0)
             np.testing.assert_allclose(alone_l1[0], mixed_l1[b], atol=1e-5, rtol=0)
     finally:
-        ref_model.batch_mode = "cohort"
+        ref_model.batch_mode = "packed"
 
 
 def test_halting_on_same_image_with_different_batch_mates(ref_model, images):

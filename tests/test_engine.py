@@ -18,7 +18,7 @@ from service.engine import (
     StepFailed,
     Target,
 )
-from service.engine.scheduler import ItemFailed, split_run
+from service.engine.runner import ItemFailed, split_run
 from service.model.alit import quality
 from service.model.checkpoint import LoadedModel, load_model
 
@@ -159,13 +159,12 @@ def test_deadline_expiry_is_typed_and_spares_others(loaded, images):
 def test_failing_step_fails_only_its_images(loaded, images):
     async def go():
         eng = Engine(loaded, EngineSettings(devices="cpu", warmup=False)).start()
-        sched = eng.workers[0].scheduler
 
         def hook(jobs):
             if any(j.tag == "boom" for j in jobs):
                 raise RuntimeError("injected fault")
 
-        sched.fault_hook = hook
+        eng.set_fault_hook(hook)
         try:
             bad = await asyncio.gather(eng.tokenize(images[0], Target(tokens=64), tag="boom"),
                                        return_exceptions=True)
@@ -194,7 +193,7 @@ def test_a_poison_image_fails_alone_and_its_batch_mates_get_their_results(loaded
             if any(j.tag == "poison" for j in jobs) and len(calls) > 2:  # fails from its second step on
                 raise RuntimeError("poison pixels")
 
-        eng.workers[0].scheduler.fault_hook = hook
+        eng.set_fault_hook(hook)
         try:
             jobs = [eng.tokenize(images[i % len(images)], targets[i % 4], tag="poison" if poison and i == 3 else None)
                     for i in range(8)]

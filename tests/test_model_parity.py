@@ -16,8 +16,8 @@ def test_state_dict_names_and_shapes_match_the_reference(ref_model, fixture_dir)
     assert ours == reference
 
 
-def test_verify_passes_on_the_fixture_in_both_batch_modes(fixture_dir):
-    for mode in ("cohort", "padded"):
+def test_verify_passes_on_the_fixture_in_every_batch_mode(fixture_dir):
+    for mode in ("packed", "cohort", "padded"):
         report = verify(fixture_dir, batch_mode=mode)
         assert report.ok, report.table()
         names = {r.name for r in report.rows}

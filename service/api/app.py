@@ -91,8 +91,7 @@ def build_state(settings: Settings) -> ServiceState:
         engine = Engine(loaded, engine_settings, observer=metrics).start()
     metrics.devices = [w.device for w in engine.workers]
     if settings.fault_injection:
-        for w in engine.workers:
-            w.scheduler.fault_hook = _inject_fault
+        engine.set_fault_hook(_inject_fault)
     cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
                        max_entries=settings.cache_max_entries)
     cache.on_error = metrics.cache_errors.inc

@@ -2,12 +2,15 @@
 
 from .errors import DeadlineExceeded, EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .observer import EngineObserver
-from .scheduler import IterationRecord, TokenizeResult
+from .interface import EngineInterface
+from .jobs import Job, ReconstructJob, TokenizeJob
+from .records import IterationRecord, Selection, TokenizeResult
 from .targets import ModelLimits, Target, TargetError, check_token_ids, parse_target
 from .workers import Engine, EngineSettings
 
 __all__ = [
-    "DeadlineExceeded", "Engine", "EngineError", "EngineObserver", "EngineSettings", "EngineStopped",
-    "EngineUnavailable", "IterationRecord", "ModelLimits", "QueueFull", "StepFailed", "Target", "TargetError",
-    "TokenizeResult", "check_token_ids", "parse_target",
+    "DeadlineExceeded", "Engine", "EngineError", "EngineInterface", "EngineObserver", "EngineSettings",
+    "EngineStopped", "EngineUnavailable", "IterationRecord", "Job", "ModelLimits", "QueueFull", "ReconstructJob",
+    "Selection", "StepFailed", "Target", "TargetError", "TokenizeJob", "TokenizeResult", "check_token_ids",
+    "parse_target",
 ]

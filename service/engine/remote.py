@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .errors import DeadlineExceeded, EngineError, EngineUnavailable, QueueFull, StepFailed
+from .errors import DeadlineExceeded, EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .observer import EngineObserver
-from .scheduler import IterationRecord, TokenizeResult
+from .records import IterationRecord, TokenizeResult
 from .targets import ModelLimits, Target, check_token_ids
 from .workers import Engine, EngineSettings
 
@@ -49,6 +49,9 @@ class TritonEngine:
         self.local = Engine(loaded, settings, observer=self.observer)  # /reconstruct only
         self.workers = self.local.workers
         self.inflight = 0
+        self.accepting = False
+        self._latency = 1.0  # EWMA of a tokenize call's seconds, for Retry-After
+        self._poller: threading.Thread | None = None
         self._ready = False
         self._problem = ""  # why not ready, for logs and errors
         self._stop = threading.Event()
@@ -58,7 +61,9 @@ class TritonEngine:
     def start(self) -> "TritonEngine":
         self.local.start()
         self._poll_once()
-        threading.Thread(target=self._poll, name="triton-ready", daemon=True).start()
+        self._poller = threading.Thread(target=self._poll, name="triton-ready", daemon=True)
+        self._poller.start()
+        self.accepting = True
         return self
 
     def _poll_once(self) -> None:
@@ -99,28 +104,37 @@ class TritonEngine:
             self._poll_once()
 
     def shutdown(self) -> None:
+        self.accepting = False
         self._stop.set()
         self.local.shutdown()
 
+    async def drain(self, timeout: float) -> bool:
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.inflight == 0 and await self.local.drain(max(0.0, deadline - time.monotonic()))
+
     @property
     def ready(self) -> bool:
-        return self._ready and self.local.ready
+        return self.accepting and self._ready and self.local.ready
+
+    @property
+    def live(self) -> bool:
+        return (self._poller is None or self._poller.is_alive() or self._stop.is_set()) and self.local.live
 
     @property
     def problem(self) -> str:
         """Why Triton is not usable ("" when it is): shown by /readyz."""
-        return self._problem
+        return self._problem or self.local.problem
 
     @property
     def busy(self) -> bool:
         return self.inflight > 0 or self.local.busy
 
-    @property
-    def pixel_decodes(self) -> int:
-        return 0
-
     def retry_after(self) -> float:
-        return 1.0
+        """About one request's time (they run concurrently at Triton), at least a second."""
+        return float(max(1, round(self._latency)))
 
     # ----- work ------------------------------------------------------------------------------------------
     def _client(self):
@@ -168,6 +182,9 @@ class TritonEngine:
 
     async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None = None,
                        trajectory: bool = False, progress=None, tag: str | None = None) -> TokenizeResult:
+        if not self.accepting:
+            self.observer.rejected("stopped")
+            raise EngineStopped("the engine is draining or stopped and takes no new work")
         if self.inflight >= self.capacity:
             self.observer.rejected("queue_full")
             raise QueueFull(self.inflight, self.retry_after())
@@ -216,6 +233,7 @@ class TritonEngine:
             raise StepFailed("Triton closed the stream without a result")
         rec, met = final  # the returned iteration's tokens and quality; ITERATIONS = iterations run
         total = time.monotonic() - started
+        self._latency = 0.9 * self._latency + 0.1 * total
         selected = rec.token_ids.shape[0] // self.limits.tokens_per_iter
         self.observer.retired(target.kind, selected, rec.token_ids.shape[0], met)
         return TokenizeResult(token_ids=rec.token_ids, iterations=rec.iteration, selected_iteration=selected,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
+
+from .records import IterationRecord, Selection
 
 FIELDS = ("max_l1", "min_psnr", "tokens", "max_tokens")
 MAX_PSNR = 100.0
@@ -75,6 +77,31 @@ class Target:
         if self.max_l1 is None and self.min_psnr is not None:
             return psnr > best_psnr
         return l1 < best_l1
+
+    def select(self, records: Mapping[int, IterationRecord], limits: ModelLimits) -> Selection | None:
+        """THE halting rule, used by the engine while it runs an image, by the cache on stored
+        iterations and by the Triton front: given the iterations known so far (by 1-based number),
+        the answer for this target, or None while it is not yet determined.
+
+        A token budget answers with its iteration. A quality target answers with the first
+        iteration that meets it, or, once the cap is reached without one, the best iteration
+        (earliest on ties) with target_met False; an unmeasured iteration before that decides
+        nothing (None)."""
+        cap = self.iteration_cap(limits)
+        if not self.needs_quality:
+            r = records.get(cap)
+            return Selection(r, cap, True) if r is not None else None
+        best: IterationRecord | None = None
+        for n in range(1, cap + 1):
+            r = records.get(n)
+            if r is None or r.l1 is None:
+                return None
+            if self.met(r.l1, r.psnr):
+                return Selection(r, n, True)
+            if best is None or self.better(r.l1, r.psnr, best.l1, best.psnr):  # type: ignore[arg-type]
+                best = r
+        assert best is not None
+        return Selection(best, cap, False)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in FIELDS if getattr(self, k) is not None}

@@ -24,15 +24,12 @@ import torch
 from ..model.checkpoint import LoadedModel
 from .errors import EngineStopped, QueueFull
 from .observer import EngineObserver
-from .scheduler import (
-    IterationRecord,
-    Job,
-    ReconstructJob,
-    Scheduler,
-    SchedulerSettings,
-    TokenizeJob,
-    TokenizeResult,
-)
+from .admission import CostCurve, measure_cost_curve
+from .jobs import Job, ReconstructJob, TokenizeJob
+from .policies import make_policy
+from .records import IterationRecord, TokenizeResult
+from .runner import ModelRunner
+from .scheduler import Scheduler
 from .targets import ModelLimits, Target, check_token_ids
 
 log = logging.getLogger("alit.engine")
@@ -56,11 +53,17 @@ def resolve_devices(spec: str) -> list[str]:
 
 
 @dataclass
-class EngineSettings(SchedulerSettings):
+class EngineSettings:
     devices: str = "auto"
+    max_batch: int = 32
     max_queue: int = 256
+    policy: str = "continuous"  # continuous | lockstep | reference (the last two: benchmark baselines)
+    batch_mode: str = "packed"  # packed | cohort | padded: how images at different iterations share a call
+    halting: bool = True  # 2D-token dynamic halting, as the published model runs
+    dtype: str = "float32"
     lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill
     warmup: bool = True
+    admission: str = "measured"  # measured: in flight up to the cost curve's knee (at warm-up) | max_batch
 
 
 class WorkQueue:
@@ -105,8 +108,12 @@ class Worker(threading.Thread):
         super().__init__(name=f"alit-worker-{device}", daemon=True)
         self.engine = engine
         self.device = device
-        self.scheduler = Scheduler(model, device, engine.settings, engine.observer)
+        st = engine.settings
+        self.runner = ModelRunner(model, device, st.dtype, st.batch_mode, engine.observer)
+        policy = make_policy(st.policy, st.max_batch, st.lockstep_max_delay)
+        self.scheduler = Scheduler(self.runner, policy, engine.observer, engine.limits, halting=st.halting)
         self.warm = False
+        self.cost_curve: CostCurve | None = None
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self._stop_event = threading.Event()
@@ -121,13 +128,19 @@ class Worker(threading.Thread):
 
     def warm_up(self) -> None:
         """One image through every iteration with a quality target: compiles kernels, fills caches."""
-        cfg = self.scheduler.model.cfg
+        cfg = self.runner.model.cfg
         img = torch.rand(3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
         job = TokenizeJob(image=img, target=Target(max_l1=1e-9))  # never met: runs every iteration
         self.scheduler.step([job])
         while self.scheduler.active:
             self.scheduler.step([])
         job.future.result(timeout=0)
+        if self.engine.settings.admission == "measured":
+            st = self.engine.settings
+            self.cost_curve = measure_cost_curve(self.runner.model, self.device, st.max_batch, st.halting)
+            self.scheduler.policy.calibrate(self.cost_curve.knee())
+            log.info("%s: step cost curve %s -> at most %d images in flight", self.device,
+                     {n: round(s * 1000, 1) for n, s in self.cost_curve.step_seconds.items()}, self.cost_curve.knee())
         self.warm = True
 
     def stop(self) -> None:
@@ -135,13 +148,13 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         q, s = self.engine.queue, self.scheduler
-        lockstep = self.engine.settings.policy == "lockstep"
+        fill_wait = s.policy.fill_wait
         while not self._stop_event.is_set():
             cap = s.capacity()
             idle = not s.active
             new = q.take(cap, wait=0.05 if idle else 0.0) if cap else []
-            if lockstep and new and idle:  # a request-level batcher waits briefly to fill the batch
-                deadline = time.monotonic() + self.engine.settings.lockstep_max_delay
+            if fill_wait and new and idle:  # a request-level batcher waits briefly to fill the batch
+                deadline = time.monotonic() + fill_wait
                 while len(new) < cap and (left := deadline - time.monotonic()) > 0:
                     new += q.take(cap - len(new), wait=left)
             if not new and not s.active:
@@ -187,9 +200,6 @@ class Engine:
         self.accepting = True
         return self
 
-    def stop_accepting(self) -> None:
-        self.accepting = False
-
     async def drain(self, timeout: float) -> bool:
         """Stop taking work; wait until queued and in-flight images are done (or the timeout)."""
         self.accepting = False
@@ -213,16 +223,40 @@ class Engine:
         return self.accepting and bool(self.workers) and all(w.healthy for w in self.workers)
 
     @property
+    def live(self) -> bool:
+        """False once a started worker thread has died (a liveness probe should restart the process)."""
+        return all(w.is_alive() for w in self.workers if w.ident is not None)
+
+    @property
+    def problem(self) -> str:
+        """Why the engine is not ready ("" when it is): workers not started, dead, or failing steps
+        (with the last error)."""
+        if not self.workers:
+            return "engine not started"
+        issues = []
+        for w in self.workers:
+            if w.ident is not None and not w.is_alive():
+                issues.append(f"worker {w.device} died")
+            elif not w.warm:
+                issues.append(f"worker {w.device} warming up")
+            elif not w.healthy:
+                issues.append(f"worker {w.device} failing ({w.consecutive_failures} steps in a row; last error: {w.last_error})")
+        if not issues and not self.accepting:
+            issues.append("draining: no new work accepted")
+        return "; ".join(issues)
+
+    @property
     def busy(self) -> bool:
         return len(self.queue) > 0 or any(w.scheduler.active for w in self.workers)
+
+    def set_fault_hook(self, hook) -> None:
+        """Tests and fault drills: `hook(jobs)` runs before every model call and may raise."""
+        for w in self.workers:
+            w.runner.fault_hook = hook
 
     @property
     def pixel_decodes(self) -> int:
         return sum(w.scheduler.pixel_decodes for w in self.workers)
-
-    @property
-    def images_admitted(self) -> int:
-        return sum(w.scheduler.images_admitted for w in self.workers)
 
     def retry_after(self) -> float:
         """Seconds until the queue has room, from its depth and recent step times."""
@@ -232,11 +266,16 @@ class Engine:
         return float(max(1, math.ceil(waves * self._iters * step_s)))
 
     # ----- submission -----------------------------------------------------------------------------
-    def _submit(self, jobs: list[Job]) -> list[asyncio.Future]:
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs from any thread (all or none); their futures resolve from a worker thread.
+        Raises EngineStopped when draining or stopped, QueueFull when there is no room."""
         if not self.accepting:
             self.observer.rejected("stopped")
             raise EngineStopped("the engine is draining or stopped and takes no new work")
         self.queue.put(jobs, self.retry_after())
+
+    def _submit(self, jobs: list[Job]) -> list[asyncio.Future]:
+        self.submit(jobs)
         return [asyncio.wrap_future(j.future) for j in jobs]
 
     async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None = None,

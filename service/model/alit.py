@@ -14,7 +14,8 @@ The recurrence, for iteration k = 0 .. max_iters-1 of one image:
 
 The step API (`prepare`, `advance`, `decode_logits`, `reconstruct`) keeps one `ImageState` per
 image, so an engine can admit, advance and retire images independently; images at different
-iterations advance in one call, grouped into same-length cohorts or padded with attention masks.
+iterations advance in one call: packed (every token of every image through each linear layer at
+once, attention per image), or grouped into same-length cohorts, or padded with attention masks.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from .config import ALITConfig
 from .vqgan import VQGAN
 
-BatchMode = Literal["cohort", "padded"]
+BatchMode = Literal["packed", "cohort", "padded"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,6 +60,20 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
 
+    def forward_packed(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        """`x` (N, W) holds several sequences back to back; `groups` lists (start row, count, length)
+        runs of same-length sequences. Projections run once over all N rows; attention per run."""
+        w = x.shape[-1]
+        d = w // self.heads
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        ys = []
+        for start, count, length in groups:
+            part = qkv[start : start + count * length].view(count, length, 3 * w)
+            q, k, v = (t.view(count, length, self.heads, d).transpose(1, 2) for t in part.split(w, dim=-1))
+            y = F.scaled_dot_product_attention(q, k, v)
+            ys.append(y.transpose(1, 2).reshape(count * length, w))
+        return self.out_proj(ys[0] if len(ys) == 1 else torch.cat(ys))
+
 
 class MLP(nn.Module):
     def __init__(self, width: int, ratio: float):
@@ -83,12 +98,46 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), key_mask)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_packed(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        x = x + self.attn.forward_packed(self.ln_1(x), groups)
+        return x + self.mlp(self.ln_2(x))
 
-def run_blocks(blocks: nn.ModuleList, seqs: list[torch.Tensor], mode: BatchMode) -> list[torch.Tensor]:
+
+Seq = torch.Tensor | tuple[torch.Tensor, ...]  # a sequence, or the pieces it is the concatenation of
+
+
+def _len(s: Seq) -> int:
+    return s.shape[0] if isinstance(s, torch.Tensor) else sum(p.shape[0] for p in s)
+
+
+def pack(seqs: list[Seq]) -> tuple[torch.Tensor, list[tuple[int, int, int]], list[slice]]:
+    """Concatenate (L_i, W) sequences (or their pieces), grouped by length, in ONE copy: (packed
+    (N, W), runs of (start, count, length) for `forward_packed`, each sequence's rows)."""
+    order = sorted(range(len(seqs)), key=lambda i: _len(seqs[i]))
+    rows: list[slice] = [slice(0)] * len(seqs)
+    groups: list[tuple[int, int, int]] = []
+    start = 0
+    for i in order:
+        n = _len(seqs[i])
+        if groups and groups[-1][2] == n:
+            s0, c, _ = groups[-1]
+            groups[-1] = (s0, c + 1, n)
+        else:
+            groups.append((start, 1, n))
+        rows[i] = slice(start, start + n)
+        start += n
+    pieces = [p for i in order for p in ((seqs[i],) if isinstance(seqs[i], torch.Tensor) else seqs[i])]
+    packed = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return packed, groups, rows
+
+
+def run_blocks(blocks: nn.ModuleList, seqs: list[Seq], mode: BatchMode) -> list[torch.Tensor]:
     """Run a list of (L_i, W) sequences of possibly different lengths through `blocks`.
 
-    "cohort": one batched call per distinct length. "padded": one call, keys beyond each
-    sequence's length masked out. Either way each sequence's result depends only on itself.
+    "packed": every sequence's tokens concatenated (no padding), each LayerNorm / linear / MLP one
+    call over all of them, attention one call per run of same-length sequences. "cohort": one
+    batched call per distinct length. "padded": one call, keys beyond each sequence's length masked
+    out. Either way each sequence's result depends only on itself.
     """
 
     def run(x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,6 +145,12 @@ def run_blocks(blocks: nn.ModuleList, seqs: list[torch.Tensor], mode: BatchMode)
             x = blk(x, key_mask)
         return x
 
+    if mode == "packed":
+        x, groups, rows = pack(seqs)
+        for blk in blocks:
+            x = blk.forward_packed(x, groups)
+        return [x[r] for r in rows]
+    seqs = [s if isinstance(s, torch.Tensor) else torch.cat(s) for s in seqs]
     lengths = [s.shape[0] for s in seqs]
     out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     if mode == "padded" and len(set(lengths)) > 1:
@@ -200,11 +255,18 @@ def _iteration_seed(seed: int, iteration: int) -> int:
     return (seed + (iteration + 1) * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
+def halting_uniforms(seeds: list[int], iterations: list[int], cells: int) -> torch.Tensor:
+    """(B, cells) uniforms on the CPU, row i from image i's own generator for its iteration: an
+    image's halting draws never depend on its batch-mates. Compare with p for Bernoulli(p) draws."""
+    out = torch.empty(len(seeds), cells, dtype=torch.float32)
+    for i, (seed, it) in enumerate(zip(seeds, iterations)):
+        torch.rand(cells, generator=torch.Generator(device="cpu").manual_seed(_iteration_seed(seed, it)), out=out[i])
+    return out
+
+
 def halting_draws(seed: int, iteration: int, probs: torch.Tensor) -> torch.Tensor:
     """Bernoulli(p) draws for one image and one iteration from a generator of its own."""
-    g = torch.Generator(device="cpu").manual_seed(_iteration_seed(seed, iteration))
-    u = torch.rand(probs.shape, generator=g, dtype=torch.float32)
-    return u.to(probs.device) < probs.float()
+    return halting_uniforms([seed], [iteration], probs.numel())[0].view(probs.shape).to(probs.device) < probs.float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +302,7 @@ class ALIT(nn.Module):
         self.quantize = LatentQuantizer(cfg.vq_codebook_size, cfg.vq_token_dim)
         self.base_tokenizer = nn.Module()
         self.base_tokenizer.vqgan = VQGAN(cfg.vqgan)
-        self.batch_mode: BatchMode = "cohort"
+        self.batch_mode: BatchMode = "packed"
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -310,53 +372,79 @@ class ALIT(nn.Module):
         threshold = cfg.halting_threshold if threshold is None else threshold
         g1 = cfg.num_image_tokens + 1
         timer = stage_timer or (lambda name: contextlib.nullcontext())
-        outs: list[StepOutput] = []
         with timer("encoder"):
             hs = run_blocks(self.encoder.transformer, [s.x for s in states], self.batch_mode)
-            for h in hs:
-                raw = h[g1:]
-                prequant = self.pre_quantizer_mlp(self.encoder_ln_post(raw))
-                o = StepOutput(token_ids=self.quantize(prequant))
-                if trace:
-                    o.trace = {"latent_tokens": raw, "prequant": prequant}
-                outs.append(o)
+            raw = torch.cat([h[g1:] for h in hs])  # every image's latents, back to back
+            prequant = self.pre_quantizer_mlp(self.encoder_ln_post(raw))
+            counts = [h.shape[0] - g1 for h in hs]
+            ids = self.quantize(prequant).split(counts)
+            outs = [StepOutput(token_ids=i) for i in ids]
+            if trace:
+                for o, r, p in zip(outs, raw.split(counts), prequant.split(counts)):
+                    o.trace = {"latent_tokens": r, "prequant": p}
         if halting:
             with timer("decoder"):
                 logits = self.decode_logits([o.token_ids for o in outs])
-            for i, (s, o, h) in enumerate(zip(states, outs, hs)):
-                o.logits = logits[i]
-                o.pred_gt_prob = logits[i].float().softmax(-1).gather(1, s.gt_indices[:, None])[:, 0]
-                draw = draws[i].to(self.device).bool() if draws is not None else halting_draws(s.seed, s.iteration, o.pred_gt_prob)
-                o.drop_mask = draw & (o.pred_gt_prob >= threshold)
-                mask_tok = (self.encoder_positional_embedding[1:] + self.encoder_mask_token[0]).to(h.dtype)
-                img = torch.where(o.drop_mask[:, None], mask_tok, h[1:g1])
-                hs[i] = torch.cat([h[:1], img, h[g1:]])
+            gt = torch.stack([s.gt_indices for s in states])
+            probs = logits.softmax(-1).gather(2, gt[:, :, None])[:, :, 0]  # (B, G)
+            if draws is not None:
+                drawn = torch.stack([d.bool() for d in draws]).to(self.device)
+            else:
+                u = halting_uniforms([s.seed for s in states], [s.iteration for s in states], probs.shape[1])
+                drawn = u.to(self.device, non_blocking=True) < probs
+            drop = drawn & (probs >= threshold)
+            mask_tok = self.encoder_positional_embedding[1:] + self.encoder_mask_token[0]
+            img = torch.stack([h[1:g1] for h in hs])
+            img = torch.where(drop[:, :, None], mask_tok.to(img.dtype), img)  # (B, G, W)
+            for i, o in enumerate(outs):
+                o.logits, o.pred_gt_prob, o.drop_mask = logits[i], probs[i], drop[i]
+            parts = [(h[:1], img[i], h[g1:]) for i, h in enumerate(hs)]
+        else:
+            parts = [(h,) for h in hs]
         # compute every next sequence before touching any state: a failure leaves all unchanged
-        next_x = [
-            self.encoder_ln_recursive(torch.cat([h, self._fresh_latents(s.iteration + 1).to(h.dtype)]))
-            if s.iteration + 1 < cfg.max_iters else None
-            for s, h in zip(states, hs)
-        ]
+        next_x = self._next_inputs(states, parts)
         for s, o, x in zip(states, outs, next_x):
             s.iteration += 1
             s.token_ids = o.token_ids
             s.x = x
         return outs
 
+    def _next_inputs(self, states: list[ImageState], parts: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor | None]:
+        """ln_recursive([h ++ fresh latents]) for every image that has an iteration left: one copy,
+        one LayerNorm over all of them (per token, so each image's result is its own)."""
+        keep = [i for i, s in enumerate(states) if s.iteration + 1 < self.cfg.max_iters]
+        out: list[torch.Tensor | None] = [None] * len(states)
+        if not keep:
+            return out
+        fresh: dict[int, torch.Tensor] = {}
+        pieces: list[torch.Tensor] = []
+        lengths = []
+        for i in keep:
+            k = states[i].iteration + 1
+            if k not in fresh:
+                fresh[k] = self._fresh_latents(k).to(parts[i][0].dtype)
+            pieces += [*parts[i], fresh[k]]
+            lengths.append(sum(p.shape[0] for p in parts[i]) + fresh[k].shape[0])
+        normed = self.encoder_ln_recursive(torch.cat(pieces)).split(lengths)
+        for i, x in zip(keep, normed):
+            out[i] = x
+        return out
+
     @torch.no_grad()
     def decode_logits(self, token_ids: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """1D token ids (each a multiple of tokens_per_iter long) -> logits (B, G, V), float32."""
         cfg, dec = self.cfg, self.decoder
-        seqs = []
         code = self.quantize.codes()
         two_d = torch.cat([self.decoder_class_embedding, self.decoder_mask_token[0].expand(cfg.num_image_tokens, -1)])
-        two_d = two_d + self.decoder_positional_embedding
-        for ids in token_ids:
-            n = ids.shape[0]
+        two_d = dec.ln_pre(two_d + self.decoder_positional_embedding)  # LayerNorm is per token
+        counts = [int(ids.shape[0]) for ids in token_ids]
+        for n in counts:
             if n == 0 or n > cfg.decoder_max_latent_tokens:
                 raise ValueError(f"token sequences must hold 1..{cfg.decoder_max_latent_tokens} ids, got {n}")
-            lat = dec.decoder_embed(code[ids.to(self.device)].to(two_d.dtype)) + dec.latent_token_positional_embedding[:n]
-            seqs.append(dec.ln_pre(torch.cat([two_d, lat])))
+        ids_all = torch.cat([ids.to(self.device) for ids in token_ids])
+        pos = torch.cat([dec.latent_token_positional_embedding[:n] for n in counts])
+        lat = dec.ln_pre(dec.decoder_embed(code[ids_all].to(two_d.dtype)) + pos)
+        seqs: list[Seq] = [(two_d, part) for part in lat.split(counts)]
         ys = run_blocks(dec.transformer, seqs, self.batch_mode)
         grid = torch.stack([y[1 : cfg.num_image_tokens + 1] for y in ys])
         return dec.ffn(dec.ln_post(grid)).float()

@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from service.engine import Engine, EngineSettings, QueueFull, Target, TargetError, parse_target  # noqa: E402
-from service.engine.scheduler import TokenizeJob  # noqa: E402
+from service.engine import Engine, EngineSettings, EngineStopped, QueueFull, Target, TargetError, parse_target  # noqa: E402
+from service.engine.jobs import TokenizeJob  # noqa: E402
 from service.imaging import ImageError, decode_image, preprocess  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
 
@@ -137,8 +137,8 @@ class TritonPythonModel:
         if not jobs:
             return None
         try:
-            self.engine.queue.put(jobs, self.engine.retry_after())
-        except QueueFull as e:
+            self.engine.submit(jobs)
+        except (QueueFull, EngineStopped) as e:
             for s in senders:
                 self._error(s, str(e))
             return None

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks (run where a CUDA GPU is present; figures in docs/benchmarks.md):
+#   verify against the reference fixture in float32 and bfloat16, every batch mode;
+#   the engine benchmark with alit_small-sized random weights at 256 px, float32 and bfloat16,
+#   with FLOP utilisation against a measured matmul peak.
+# Usage: loadtest/gpu_checks.sh OUT_DIR [extra bench args...]
+set -uo pipefail
+out=${1:?output directory}; shift
+mkdir -p "$out"
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
+for dtype in float32 bfloat16; do
+  for mode in packed cohort padded; do
+    echo "== verify --device cuda --dtype $dtype --batch-mode $mode"
+    "$py" -m service.cli verify tests/fixtures/alit-reference --device cuda --dtype "$dtype" --batch-mode "$mode"
+    echo "exit $?"
+  done
+done 2>&1 | tee "$out/verify_cuda.txt"
+for dtype in float32 bfloat16; do
+  "$py" -m service.cli bench --device cuda --dtype "$dtype" --model preset:alit_small --quick --flops \
+    --json "$out/bench_cuda_alit_small_$dtype.json" "$@" 2>&1 | tee "$out/bench_cuda_alit_small_$dtype.txt"
+done

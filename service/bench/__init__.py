@@ -1,0 +1,221 @@
+"""`alit-serve bench`: the engine benchmark on your own images.
+
+Builds a workload from a folder (the images, crops at several scales, flat and noise images; targets
+calibrated on the model), measures the model's per-stage costs at a full batch, then runs each
+strategy on the real in-process engine — `continuous` (this engine), `lockstep` (a request-level
+batcher), `reference` (one image at a time, every iteration decoded) — at saturation and under
+Poisson load, and finally the same strategies on a SIMULATED GPU-like device (see simulate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+STRATEGIES = ("reference", "lockstep", "continuous")
+DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "alit-reference" / "images"
+
+
+def _progress(msg: str, t0: float) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..engine import EngineSettings, ModelLimits
+    from ..model.precision import precision
+    from ..model.registry import resolve
+    from . import live, profile, simulate, workload
+
+    t0 = time.perf_counter()
+    loaded = resolve(args.model)
+    cfg = loaded.config
+    model = loaded.model.to(args.device).eval()
+    limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
+    images = workload.corpus(workload.load_folder(args.images), args.crops)
+    pixels = workload.tensors(images, cfg.img_size)
+    _progress(f"model {args.model} ({cfg.img_size} px) on {args.device}, {torch.get_num_threads()} threads; "
+              f"{len(images)} corpus images from {args.images}; measuring every iteration", t0)
+    with precision(args.device, args.dtype):
+        l1, psnr = workload.measure_iterations(model, pixels, halting=not args.no_halting, batch=args.max_batch)
+        targets = workload.calibrate_targets(l1, psnr, limits)
+        batch = pixels[torch.arange(args.max_batch) % len(pixels)]
+        prof = profile.profile_stages(model, batch, halting=not args.no_halting)
+        one = profile.profile_stages(model, pixels[:1], halting=not args.no_halting)
+        flops = profile.flops_per_image(model, batch, halting=not args.no_halting) if args.flops else None
+    _progress("per-image cost at batch %d: prepare %.2f ms, iterations %s ms, pixel decode %.2f ms" % (
+        prof.batch, prof.prepare_s * 1e3, " ".join(f"{s * 1e3:.2f}" for s in prof.iteration_s),
+        prof.pixel_decode_s * 1e3), t0)
+    settings = EngineSettings(devices=args.device, max_batch=args.max_batch, max_queue=1_000_000,
+                              batch_mode=args.batch_mode, halting=not args.no_halting, dtype=args.dtype,
+                              lockstep_max_delay=args.max_delay, admission=args.admission)
+    report: dict = {
+        "model": {"spec": args.model, "fingerprint": loaded.fingerprint[:16], "img_size": cfg.img_size},
+        "machine": {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cpu": platform.processor() or platform.machine(),
+                    "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
+        "settings": {"max_batch": args.max_batch, "batch_mode": args.batch_mode, "halting": not args.no_halting,
+                     "lockstep_max_delay_s": args.max_delay, "dtype": args.dtype, "admission": args.admission},
+        "workload": {"images": str(args.images), "corpus_images": len(images),
+                     "targets": [t.to_dict() for t in targets]},
+        "profile": prof.to_dict(),
+        "latency_one_image": one.to_dict(),
+        "strategies": {},
+    }
+    _progress("one image alone: prepare %.2f ms, iterations %s ms, pixel decode %.2f ms" % (
+        one.prepare_s * 1e3, " ".join(f"{s * 1e3:.2f}" for s in one.iteration_s), one.pixel_decode_s * 1e3), t0)
+    if flops is not None:
+        peak = profile.matmul_peak(args.device, torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype),
+                                   n=8192 if args.device.startswith("cuda") else 1024)
+        achieved = (flops["prepare"] + sum(flops["iteration"]) + flops["pixel_decode"]) / (
+            prof.prepare_s + sum(prof.iteration_s) + prof.pixel_decode_s)
+        report["flops"] = {"per_image": flops, "matmul_peak_flops": peak,
+                           "achieved_flops_at_full_batch": achieved, "model_flop_utilisation": achieved / peak,
+                           "note": "every stage at a full batch (the profile) vs one large matmul in the same "
+                                   "dtype (TF32 allowed per torch's default for float32)"}
+        _progress(f"model FLOP utilisation at batch {prof.batch}: {achieved / 1e12:.2f} TFLOP/s of a measured "
+                  f"{peak / 1e12:.1f} TFLOP/s matmul peak = {achieved / peak:.1%}", t0)
+    strategies = [s for s in STRATEGIES if s in args.strategies]
+    n_sat = args.saturation_requests
+    sat = workload.requests(n_sat, len(images), targets, l1, psnr, limits, seed=1)
+    for name in strategies:
+        n = args.reference_requests if name == "reference" else n_sat
+        _progress(f"saturation: {name}, {n} requests queued at once", t0)
+        res = live.run_strategy(loaded, name, settings, [(pixels[r.image], r.target) for r in sat[:n]], [0.0] * n)
+        ideal = prof.ideal_seconds(res["iterations"], res["pixel_decodes"])
+        res["ideal_throughput"] = n / ideal
+        eff = res["throughput"] / res["ideal_throughput"]
+        report["strategies"][name] = {"saturation": res, "saturation_throughput": res["throughput"],
+                                      "efficiency": eff, "poisson": []}
+        _progress(f"  {name}: {res['throughput']:.2f} img/s (efficiency {eff:.0%}), p50 {res['p50_s']:.3f} s, "
+                  f"{res['mean_iterations']:.2f} iterations and {res['pixel_decodes_per_image']:.2f} decodes per image", t0)
+    if "lockstep" in report["strategies"]:
+        lock_sat = report["strategies"]["lockstep"]["saturation_throughput"]
+        for frac in args.load_fractions:
+            rate = frac * lock_sat
+            for name in strategies:
+                s = report["strategies"][name]
+                n = args.poisson_requests
+                if rate >= 0.95 * s["saturation_throughput"]:  # overloaded: its queue grows without bound
+                    n = max(20, int(n * s["saturation_throughput"] / rate / 2))
+                _progress(f"Poisson {frac:.0%} of lock-step ({rate:.2f}/s): {name}, {n} requests", t0)
+                reqs = workload.requests(n, len(images), targets, l1, psnr, limits, seed=2)
+                res = live.run_strategy(loaded, name, settings, [(pixels[r.image], r.target) for r in reqs],
+                                        live.poisson(rate, n, seed=3))
+                res.update({"load_fraction_of_lockstep": frac, "offered_rate": rate,
+                            "overloaded": rate >= s["saturation_throughput"]})
+                for k in ("iterations", "pixel_decodes"):
+                    res.pop(k)
+                s["poisson"].append(res)
+                if abs(frac - 0.7) < 1e-9:
+                    s["p50_at_70pct_lockstep_load"] = res["p50_s"]
+                    s["p99_at_70pct_lockstep_load"] = res["p99_s"]
+                _progress(f"  {name}: got {res['throughput']:.2f}/s, p50 {res['p50_s']:.3f} s, p99 {res['p99_s']:.3f} s", t0)
+    for s in report["strategies"].values():
+        for k in ("iterations", "pixel_decodes"):
+            s["saturation"].pop(k, None)
+    report["ratios"] = ratios(report["strategies"])
+    if args.simulate:
+        _progress("SIMULATED device (virtual clock, cost curve calibrated to an H100): saturation batches "
+                  + ", ".join(map(str, args.sim_saturation)), t0)
+        reqs = workload.requests(4000, len(images), targets, l1, psnr, limits, seed=4)
+        report["simulated"] = {
+            "note": "SIMULATED, not measured: the real scheduler on a stand-in device with a virtual clock; "
+                    "see service/bench/simulate.py for the cost curve",
+            "runs": [simulate.compare(reqs, limits, sb) for sb in args.sim_saturation],
+        }
+        for r in report["simulated"]["runs"]:
+            _progress(f"  simulated, saturation batch {r['saturation_batch']}: " + ", ".join(
+                f"{n} {r[n]['saturation_throughput']:.0f} img/s" for n in STRATEGIES if n in r), t0)
+    _progress("done", t0)
+    return report
+
+
+def ratios(strategies: dict) -> dict:
+    out = {}
+    c, lk, ref = (strategies.get(n) for n in ("continuous", "lockstep", "reference"))
+    if c and ref:
+        out["continuous_vs_reference_throughput"] = c["saturation_throughput"] / ref["saturation_throughput"]
+    if c and lk:
+        out["continuous_vs_lockstep_throughput"] = c["saturation_throughput"] / lk["saturation_throughput"]
+        for q in ("p50", "p99"):
+            key = f"{q}_at_70pct_lockstep_load"
+            if key in c and key in lk:
+                out[f"continuous_vs_lockstep_{q}_at_70pct"] = c[key] / lk[key]
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, s in report["strategies"].items():
+        pts = sorted((p["offered_rate"], p["p99_s"], p["p50_s"]) for p in s["poisson"])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} p99")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", linestyle="--", alpha=0.6, label=f"{name} p50")
+    ax.set_xlabel("offered load (images/s, Poisson)")
+    ax.set_ylabel("latency (s)")
+    ax.set_yscale("log")
+    ax.set_title(f"ALIT engine strategies — {report['model']['spec']} on {report['machine']['device']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..config import Settings
+
+    p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images the workload is built from")
+    p.add_argument("--model", default=Settings().model)
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of " + ",".join(STRATEGIES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-delay", type=float, default=0.010, help="lock-step batcher's max queue delay (s)")
+    p.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
+    p.add_argument("--admission", default="measured", choices=["measured", "max_batch"])
+    p.add_argument("--no-halting", action="store_true", help="turn 2D-token halting off")
+    p.add_argument("--crops", type=int, default=24)
+    p.add_argument("--saturation-requests", type=int, default=256)
+    p.add_argument("--reference-requests", type=int, default=48)
+    p.add_argument("--poisson-requests", type=int, default=200)
+    p.add_argument("--load-fractions", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--flops", action="store_true", help="count FLOPs and report utilisation against a measured matmul peak")
+    p.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the simulated-device runs")
+    p.add_argument("--sim-saturation", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--quick", action="store_true", help="small runs (a few minutes on 2 CPU cores)")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--plot", help="write a latency-vs-load PNG here")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.saturation_requests, args.reference_requests, args.poisson_requests = 128, 24, 96
+        args.load_fractions = [0.4, 0.7]
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = set(args.strategies) - set(STRATEGIES)
+    if unknown:
+        raise SystemExit(f"unknown strategies {sorted(unknown)} (known: {', '.join(STRATEGIES)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(args)
+    print(json.dumps(report["ratios"], indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+__all__ = ["DEFAULT_IMAGES", "add_arguments", "main", "run"]

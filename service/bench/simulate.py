@@ -1,0 +1,168 @@
+"""A SIMULATED device for the benchmark: the real scheduler, policies, admission and halting
+bookkeeping, driven by a stand-in model whose calls cost what a cost curve says, on a virtual clock
+(no sleeping: a run takes a fraction of a second and gives the same figures on any machine).
+
+Cost curve (in the spirit of LLM-serving simulators such as Vidur): a call over n images costs
+`base * max(1, n / saturation)` — flat up to the device's saturation batch, then linear. Calibrated
+to ALIT on an H100 in float32 (KARL paper, appendix A.9): one image's first pass (VQGAN encode +
+first iteration) about 7 ms, each further iteration about 4 ms; so `prepare` (VQGAN encode) costs
+3 ms and an iteration (encoder + decoder + the quality check) 4 ms at or below saturation.
+Each request halts where the real model halts on its image and target (`workload.halting_plan`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..engine import ModelLimits, Target
+from ..engine.jobs import Job, TokenizeJob
+from ..engine.observer import EngineObserver
+from ..engine.policies import make_policy
+from ..engine.admission import CostCurve, sizes_up_to
+from ..engine.scheduler import Scheduler
+from ..model.alit import ImageState, StepOutput
+from .workload import Request
+
+
+@dataclass
+class SimCosts:
+    saturation: int = 32
+    prepare_s: float = 0.003
+    iteration_s: float = 0.004
+
+    def call(self, base: float, n: int) -> float:
+        return base * max(1.0, n / self.saturation)
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class SimulatedDevice:
+    """Stands in for `ModelRunner`: same calls, no model; each call moves the virtual clock."""
+
+    device = "simulated"
+
+    def __init__(self, costs: SimCosts, clock: VirtualClock, limits: ModelLimits):
+        self.costs, self.clock, self.limits = costs, clock, limits
+        self.halts_at: dict[int, int | None] = {}  # id(job) -> iteration whose check passes (None: never)
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def prepare(self, jobs: list[TokenizeJob]) -> list:
+        self.clock.now += self.costs.call(self.costs.prepare_s, len(jobs))
+        return [ImageState(image=torch.zeros(0), gt_indices=torch.zeros(0), seed=0, x=torch.zeros(0)) for _ in jobs]
+
+    def advance(self, jobs: list[TokenizeJob], halting: bool) -> list:
+        self.clock.now += self.costs.call(self.costs.iteration_s, len(jobs))
+        outs = []
+        for j in jobs:
+            s = j.state
+            s.iteration += 1
+            s.x = None if s.iteration >= self.limits.max_iters else s.x
+            outs.append(StepOutput(token_ids=torch.zeros(self.limits.tokens_per_iter * s.iteration, dtype=torch.long),
+                                   logits=torch.zeros(0)))
+        return outs
+
+    def decode_logits(self, jobs: list[Job], token_ids, iterations) -> list:
+        return [torch.zeros(0) for _ in jobs]  # part of the iteration's cost
+
+    def pixels(self, jobs: list[Job], logits, iterations) -> list:
+        out = []
+        for j in jobs:  # quality checks are part of the iteration's cost
+            h = self.halts_at.get(id(j))
+            met = h is not None and j.state.iteration >= h
+            out.append((0.0, 99.0) if met else (1.0, 0.0))
+        return out
+
+
+def sim_target(req: Request, limits: ModelLimits) -> Target:
+    """A target that makes the stand-in halt where the real model does for this request."""
+    if req.target.tokens is not None:
+        return req.target
+    return Target(max_l1=0.5, max_tokens=req.target.iteration_cap(limits) * limits.tokens_per_iter)
+
+
+def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limits: ModelLimits,
+             costs: SimCosts, max_batch: int, lockstep_max_delay: float = 0.010) -> dict:
+    clock = VirtualClock()
+    device = SimulatedDevice(costs, clock, limits)
+    policy = make_policy(policy_name, max_batch, lockstep_max_delay)
+    policy.calibrate(sim_cost_curve(costs, max_batch).knee())
+    sched = Scheduler(device, policy, EngineObserver(), limits, halting=True)  # type: ignore[arg-type]
+    pending = collections.deque(sorted(zip(arrivals, range(len(reqs)))))
+    queue: collections.deque[tuple[float, TokenizeJob]] = collections.deque()
+    latencies: list[float] = []
+    iterations: list[int] = []
+
+    def arrive(until: float) -> None:
+        while pending and pending[0][0] <= until:
+            at, i = pending.popleft()
+            job = TokenizeJob(image=torch.zeros(0), target=sim_target(reqs[i], limits))
+            device.halts_at[id(job)] = reqs[i].halts_at if reqs[i].target_met and reqs[i].target.tokens is None else None
+            job.future.add_done_callback(lambda f, at=at: latencies.append(clock.now - at))
+            job.future.add_done_callback(lambda f: iterations.append(f.result().iterations))
+            queue.append((at, job))
+
+    while pending or queue or sched.active:
+        arrive(clock.now)
+        if not queue and not sched.active:
+            clock.now = pending[0][0]
+            continue
+        cap = sched.capacity()
+        if cap and policy.fill_wait and not sched.active:  # a batcher waits (virtually) to fill
+            fill_by = clock.now + policy.fill_wait
+            while len(queue) < cap and pending and pending[0][0] <= fill_by:
+                clock.now = max(clock.now, pending[0][0])
+                arrive(clock.now)
+            if len(queue) < cap:
+                clock.now = max(clock.now, fill_by)
+                arrive(clock.now)
+        new = [queue.popleft()[1] for _ in range(min(cap, len(queue)))]
+        if not new and not sched.active:
+            continue
+        sched.step(new)  # type: ignore[arg-type]
+    lat = np.array(latencies)
+    makespan = clock.now - min(arrivals)
+    return {"requests": len(reqs), "makespan_s": makespan, "throughput": len(reqs) / makespan,
+            "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+            "mean_iterations": float(np.mean(iterations))}
+
+
+def sim_cost_curve(costs: SimCosts, max_batch: int) -> CostCurve:
+    """What `admission.measure_cost_curve` would measure on the simulated device."""
+    return CostCurve({n: costs.call(costs.iteration_s, n) for n in sizes_up_to(max_batch)})
+
+
+def poisson(rate: float, n: int, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return list(np.cumsum(rng.exponential(1.0 / rate, size=n)))
+
+
+def compare(reqs: list[Request], limits: ModelLimits, saturation: int, n_poisson: int = 2000,
+            load: float = 0.7, strategies=("reference", "lockstep", "continuous")) -> dict:
+    """Saturation throughput per strategy, then p50/p99 at `load` x lock-step's saturation."""
+    costs = SimCosts(saturation=saturation)
+    out: dict = {"saturation_batch": saturation, "max_batch": saturation,
+                 "costs_ms": {"prepare": costs.prepare_s * 1e3, "iteration": costs.iteration_s * 1e3}}
+    for name in strategies:
+        n = len(reqs) if name != "reference" else min(len(reqs), 200)
+        out[name] = {"saturation_throughput": simulate(name, reqs[:n], [0.0] * n, limits, costs, saturation)["throughput"]}
+    rate = load * out["lockstep"]["saturation_throughput"]
+    arrivals = poisson(rate, n_poisson, seed=3)
+    work = [reqs[i % len(reqs)] for i in range(n_poisson)]
+    for name in strategies:
+        if out[name]["saturation_throughput"] <= rate:
+            out[name]["overloaded_at_70pct"] = True
+            continue
+        r = simulate(name, work, arrivals, limits, costs, saturation)
+        out[name]["p50_at_70pct_lockstep_load"] = r["p50_s"]
+        out[name]["p99_at_70pct_lockstep_load"] = r["p99_s"]
+    return out

@@ -1,0 +1,76 @@
+"""Admission policies: how many waiting images a worker may take into its running batch, and how
+an image's iterations are checked. Small classes, one per strategy; the scheduler asks, never
+branches on a name.
+
+  continuous  this engine: new images join at every iteration boundary, each leaves as soon as its
+              target is met; admission bounded by what buys throughput (see `CostCurve`);
+  lockstep    request-level dynamic batching, as a Triton-style batcher: a batch forms (max size,
+              max delay) and runs until its last image is done; nothing joins meanwhile;
+  reference   one image at a time, every iteration decoded to pixels, the target applied after
+              the last iteration (what the reference `encode()` does).
+The last two exist as baselines for the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass
+class Policy:
+    max_batch: int = 32
+    name: ClassVar[str] = ""
+    fill_wait: float = 0.0  # seconds an idle worker waits for a batch to fill
+    measure_every_iteration: ClassVar[bool] = False  # decode pixels even where the target needs none
+    runs_to_cap: ClassVar[bool] = False  # keep iterating after the target is met
+
+    def capacity(self, active: int) -> int:
+        """Images that may be admitted now, with `active` images running."""
+        return max(0, self.max_batch - active)
+
+    def calibrate(self, knee: int) -> None:
+        """The measured cost curve's knee (see admission.py); only continuous batching uses it."""
+
+
+@dataclass
+class Continuous(Policy):
+    name: ClassVar[str] = "continuous"
+    in_flight_limit: int | None = None  # from the worker's measured cost curve (admission.py)
+
+    def capacity(self, active: int) -> int:
+        limit = self.max_batch if self.in_flight_limit is None else min(self.max_batch, self.in_flight_limit)
+        return max(0, limit - active)
+
+    def calibrate(self, knee: int) -> None:
+        self.in_flight_limit = knee
+
+
+@dataclass
+class Lockstep(Policy):
+    name: ClassVar[str] = "lockstep"
+    fill_wait: float = 0.010
+
+    def capacity(self, active: int) -> int:
+        return 0 if active else self.max_batch
+
+
+@dataclass
+class Reference(Policy):
+    name: ClassVar[str] = "reference"
+    measure_every_iteration: ClassVar[bool] = True
+    runs_to_cap: ClassVar[bool] = True
+
+    def capacity(self, active: int) -> int:
+        return 0 if active else 1
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Continuous, Lockstep, Reference)}
+
+
+def make_policy(name: str, max_batch: int, lockstep_max_delay: float = 0.010) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown scheduling policy {name!r} (known: {', '.join(POLICIES)})")
+    if name == "lockstep":
+        return Lockstep(max_batch=max_batch, fill_wait=lockstep_max_delay)
+    return POLICIES[name](max_batch=max_batch)
