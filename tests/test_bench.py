@@ -1,0 +1,94 @@
+"""The benchmark's pieces: the simulated GPU (the scheduler's core promise, on a virtual clock),
+the cost-curve admission rule, and `alit-serve bench` end to end on a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from service.bench import DEFAULT_IMAGES, simulate, workload
+from service.engine import ModelLimits, Target
+from service.engine.admission import CostCurve
+from service.engine.policies import Continuous, Lockstep, Reference, make_policy
+from service.model.registry import resolve
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """The shipped model's own halting on the fixture photos and crops of them (the benchmark's corpus)."""
+    loaded = resolve("weights")
+    cfg = loaded.config
+    limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
+    pixels = workload.tensors(workload.corpus(workload.load_folder(DEFAULT_IMAGES), 16), cfg.img_size)
+    l1, psnr = workload.measure_iterations(loaded.model, pixels, halting=True)
+    targets = workload.calibrate_targets(l1, psnr, limits)
+    return workload.requests(1500, len(pixels), targets, l1, psnr, limits, seed=4), limits
+
+
+def test_simulated_gpu_continuous_beats_lockstep_beats_reference(measured):
+    """On a GPU-like device (a step costs the same for 1..32 images), continuous batching must give
+    more throughput than lock-step, and a lower p50 and p99 at 70 % of lock-step's capacity."""
+    reqs, limits = measured
+    r = simulate.compare(reqs, limits, saturation=32, n_poisson=1500)
+    ref, lock, cont = (r[n] for n in ("reference", "lockstep", "continuous"))
+    assert cont["saturation_throughput"] > lock["saturation_throughput"] > ref["saturation_throughput"]
+    assert cont["p99_at_70pct_lockstep_load"] < lock["p99_at_70pct_lockstep_load"]
+    assert cont["p50_at_70pct_lockstep_load"] < lock["p50_at_70pct_lockstep_load"]
+
+
+def test_simulation_halts_each_request_where_the_model_does(measured):
+    reqs, limits = measured
+    costs = simulate.SimCosts(saturation=32)
+    got = simulate.simulate("continuous", reqs[:200], [0.0] * 200, limits, costs, max_batch=32)
+    expected = sum(r.halts_at for r in reqs[:200]) / 200
+    assert got["mean_iterations"] == pytest.approx(expected)
+
+
+def test_cost_curve_knee_is_where_per_image_cost_stops_falling():
+    gpu_like = CostCurve({1: 0.01, 2: 0.01, 4: 0.01, 8: 0.011, 16: 0.012, 32: 0.02})
+    assert gpu_like.knee() == 32
+    cpu_like = CostCurve({1: 0.02, 2: 0.03, 4: 0.05, 8: 0.09, 16: 0.18, 32: 0.36})
+    assert cpu_like.knee() == 8  # 11.25 ms per image from 8 on; 12.5 at 4 is more than 10 % above
+
+
+def test_policies_admit_as_their_strategy_says():
+    c = make_policy("continuous", 32)
+    assert isinstance(c, Continuous) and c.capacity(20) == 12
+    c.calibrate(16)
+    assert c.capacity(10) == 6 and c.capacity(16) == 0
+    lk = make_policy("lockstep", 32, 0.02)
+    assert isinstance(lk, Lockstep) and lk.capacity(0) == 32 and lk.capacity(1) == 0 and lk.fill_wait == 0.02
+    assert isinstance(make_policy("reference", 32), Reference) and Reference().capacity(0) == 1
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        make_policy("fifo", 32)
+
+
+def test_select_is_the_engine_rule_for_a_target():
+    from service.engine.records import IterationRecord
+
+    limits = ModelLimits(32, 8)
+    recs = {n: IterationRecord(n, torch.zeros(32 * n).numpy(), l1, 20.0) for n, l1 in
+            zip(range(1, 9), [0.3, 0.2, 0.25, 0.1, 0.09, 0.2, 0.2, 0.2])}
+    assert Target(max_l1=0.15).select(recs, limits).iterations == 4
+    s = Target(max_l1=0.01, max_tokens=96).select(recs, limits)
+    assert (s.iterations, s.record.iteration, s.target_met) == (3, 2, False)
+    assert Target(tokens=64).select(recs, limits).record.iteration == 2
+    assert Target(max_l1=0.15).select({1: recs[1], 2: recs[2]}, limits) is None  # undecided yet
+
+
+def test_bench_command_writes_the_report(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--model", "preset:test_tiny", "--saturation-requests", "12", "--reference-requests", "3",
+                "--poisson-requests", "8", "--load-fractions", "0.7", "--crops", "2", "--max-batch", "8",
+                "--sim-saturation", "8", "--threads", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "saturation: continuous" in r.stdout and "SIMULATED" in r.stdout
+    rep = json.loads(out.read_text())
+    for name in ("reference", "lockstep", "continuous"):
+        s = rep["strategies"][name]
+        assert s["saturation_throughput"] > 0 and 0 < s["efficiency"]
+        assert s["p99_at_70pct_lockstep_load"] >= s["p50_at_70pct_lockstep_load"] > 0
+    assert rep["simulated"]["note"].startswith("SIMULATED")
