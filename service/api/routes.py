@@ -9,7 +9,6 @@ import json
 import time
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.responses import JSONResponse, StreamingResponse
