@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps serve test verify bench bench-triton bench-http triton loadtest reliability train clean
+.PHONY: setup system-deps serve lint test verify bench bench-triton bench-http triton loadtest reliability train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ system-deps:
 	@if command -v npm >/dev/null && [ ! -d tests/e2e/node_modules/playwright-core ]; then \
 	  cd tests/e2e && npm ci --no-audit --no-fund; fi
 
-test: setup system-deps
+# Lint (ruff: pycodestyle, pyflakes, import order, bugbear, ...) and types (mypy), rules in pyproject.toml.
+lint: setup
+	$(PY) -m ruff check service model_repository
+	$(PY) -m mypy
+
+test: setup system-deps lint
 	$(PY) -m pytest -q
 
 # A local Triton Inference Server on model_repository/ (HTTP 8010, gRPC 8011, metrics 8012).

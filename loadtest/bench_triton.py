@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 
 from service.bench import DEFAULT_IMAGES, workload  # noqa: E402
 from service.bench.live import drive, poisson  # noqa: E402
-from service.config import Settings  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from service.engine import Engine, EngineSettings, ModelLimits  # noqa: E402
 from service.engine.remote import TritonEngine  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
@@ -50,7 +50,7 @@ def free_port() -> int:
 
 def start_triton(model: str, threads: int, max_batch: int, log: Path):
     """A tritonserver on model_repository/ serving `model`; returns (process, ports) once ready."""
-    from service.tritonserver import TritonPorts, start_ready
+    from service.triton_launcher import TritonPorts, start_ready
 
     ports = TritonPorts(free_port(), free_port(), free_port())
     env = {"ALIT_MODEL": model, "ALIT_TORCH_THREADS": str(threads), "ALIT_MAX_BATCH": str(max_batch)}

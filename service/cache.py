@@ -19,12 +19,12 @@ import hashlib
 import logging
 import struct
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .engine.records import IterationRecord
+from .engine.records import IterationRecord, Selection
 from .engine.targets import ModelLimits, Target
 
 log = logging.getLogger("alit.cache")
@@ -41,13 +41,6 @@ def cache_key(image: torch.Tensor, fingerprint: str, halting: str) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class Lookup:
-    record: IterationRecord
-    iterations: int
-    target_met: bool
-
-
 class Trajectory:
     def __init__(self, records: dict[int, IterationRecord] | None = None):
         self.records: dict[int, IterationRecord] = dict(records or {})
@@ -55,7 +48,7 @@ class Trajectory:
     def __len__(self) -> int:
         return len(self.records)
 
-    def merge(self, records) -> "Trajectory":
+    def merge(self, records) -> Trajectory:
         """Add iterations; a measured record replaces an unmeasured one, never the reverse."""
         for r in records:
             old = self.records.get(r.iteration)
@@ -63,22 +56,10 @@ class Trajectory:
                 self.records[r.iteration] = r
         return self
 
-    def lookup(self, target: Target, limits: ModelLimits) -> Lookup | None:
-        """The answer the engine would give for `target`, if the stored iterations determine it."""
-        cap = target.iteration_cap(limits)
-        if not target.needs_quality:
-            r = self.records.get(cap)
-            return Lookup(r, cap, True) if r is not None else None
-        best = None
-        for n in range(1, cap + 1):
-            r = self.records.get(n)
-            if r is None or r.l1 is None:
-                return None
-            if target.met(r.l1, r.psnr):
-                return Lookup(r, n, True)
-            if best is None or target.better(r.l1, r.psnr, best.l1, best.psnr):
-                best = r
-        return Lookup(best, cap, False)
+    def lookup(self, target: Target, limits: ModelLimits) -> Selection | None:
+        """The answer the engine gives `target`, when the stored iterations determine it: the engine's
+        own rule (`Target.select`) over what is stored; None sends the request to the engine."""
+        return target.select(self.records, limits)
 
     # ----- binary format ---------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -94,7 +75,7 @@ class Trajectory:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Trajectory":
+    def from_bytes(cls, data: bytes) -> Trajectory:
         version, n, width = _HEAD.unpack_from(data, 0)
         if version != FORMAT_VERSION:
             raise ValueError(f"unknown cache record version {version}")
@@ -113,11 +94,6 @@ class Trajectory:
 # ----- stores ---------------------------------------------------------------------------------------
 
 
-class CacheStats:
-    def __init__(self):
-        self.hits = self.misses = self.errors = 0
-
-
 class MemoryCache:
     """In-process LRU of serialised trajectories (the same bytes Redis would hold)."""
 
@@ -126,9 +102,8 @@ class MemoryCache:
     def __init__(self, max_entries: int = 10_000):
         self.max_entries = max_entries
         self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self.stats = CacheStats()
         self.available = True
-        self.on_error = None  # never called: memory does not fail
+        self.on_error: Callable[[], None] | None = None  # never called: memory does not fail
 
     async def get(self, key: str) -> Trajectory | None:
         raw = self._data.get(key)
@@ -160,9 +135,8 @@ class RedisCache:
         self._redis = redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                      retry_on_timeout=False)
         self.prefix, self.ttl_s, self.max_backoff_s = prefix, ttl_s, max_backoff_s
-        self.stats = CacheStats()
         self.available = True
-        self.on_error = None  # callable, e.g. a Prometheus counter's inc
+        self.on_error: Callable[[], None] | None = None  # counts failures, e.g. a Prometheus counter's inc
         self._retry_at = 0.0
         self._backoff = 0.0
 
@@ -177,7 +151,8 @@ class RedisCache:
             self._backoff = min(self.max_backoff_s, max(0.25, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff
             if self.available:
-                log.warning("redis unavailable (%s: %s); serving uncached, retrying in %.2fs", type(e).__name__, e, self._backoff)
+                log.warning("redis unavailable (%s: %s); serving uncached, retrying in %.2fs", type(e).__name__, e,
+                            self._backoff)
             self.available = False
             return None
         if not self.available:
@@ -186,7 +161,6 @@ class RedisCache:
         return out
 
     def _error(self) -> None:
-        self.stats.errors += 1
         if self.on_error is not None:
             self.on_error()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def _serve(args: argparse.Namespace) -> int:
     from .api.server import serve
-    from .config import Settings
+    from .settings import Settings
 
     overrides = {k: v for k, v in {"model": args.model, "host": args.host, "port": args.port}.items() if v is not None}
     serve(Settings(**overrides))
@@ -28,14 +28,18 @@ def _tokenize(args: argparse.Namespace) -> int:
         except AlitError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    print(json.dumps({k: r[k] for k in ("num_tokens", "iterations", "l1", "psnr", "target_met", "cached", "token_ids")}))
+    keys = ("num_tokens", "iterations", "l1", "psnr", "target_met", "cached", "token_ids")
+    print(json.dumps({k: r[k] for k in keys}))
     return 0
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from .client import AlitError, Client
 
-    text = sys.stdin.read() if args.ids == "-" else (Path(args.ids).read_text() if Path(args.ids).is_file() else args.ids)
+    if args.ids == "-":
+        text = sys.stdin.read()
+    else:
+        text = Path(args.ids).read_text() if Path(args.ids).is_file() else args.ids
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="train the default model (stage 1 VQGAN, stage 2 latent distillation, ...)")
     sub.add_parser("evaluate", help="per-iteration L1/PSNR on a folder of images, and a picture")
 
-    b = sub.add_parser("bench", help="the engine benchmark (continuous vs lock-step vs reference) on a folder of images")
+    b = sub.add_parser("bench",
+                       help="the engine benchmark (continuous vs lock-step vs reference) on a folder of images")
     _bench_arguments(b)
     b.set_defaults(func=_bench)
 
@@ -145,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=_convert)
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["triton"]:  # its own options, parsed by service.tritonserver
-        from .tritonserver import main as triton_main
+    if argv[:1] == ["triton"]:  # its own options, parsed by service.triton_launcher
+        from .triton_launcher import main as triton_main
 
         return triton_main(argv[1:])
     if argv[:1] in (["train"], ["evaluate"]):  # the training package parses its own options
-        from .training.cli import main as training_main
+        from .training import main as training_main
 
         return training_main(argv)
     if argv[:1] == ["loadtest"]:  # loadtest/run_load.py, from a source checkout

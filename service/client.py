@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 
@@ -49,7 +50,7 @@ class Client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -62,7 +63,8 @@ class Client:
                  tokens: int | None = None, max_tokens: int | None = None,
                  include_reconstruction: bool = False, all_iterations: bool = False) -> dict:
         target = {"max_l1": max_l1, "min_psnr": min_psnr, "tokens": tokens, "max_tokens": max_tokens}
-        r = self._http.post("/v1/tokenize", json=_tokenize_body(image, target, include_reconstruction, all_iterations, False))
+        body = _tokenize_body(image, target, include_reconstruction, all_iterations, False)
+        r = self._http.post("/v1/tokenize", json=body)
         _raise_for(r)
         return r.json()["results"][0]
 
@@ -93,7 +95,7 @@ class AsyncClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -112,7 +114,8 @@ class AsyncClient:
         return r.json()["results"][0]
 
     async def tokenize_stream(self, image, **target) -> AsyncIterator[dict]:
-        async with self._http.stream("POST", "/v1/tokenize", json=_tokenize_body(image, target, False, False, True)) as r:
+        body = _tokenize_body(image, target, False, False, True)
+        async with self._http.stream("POST", "/v1/tokenize", json=body) as r:
             if r.status_code >= 400:
                 await r.aread()
                 _raise_for(r)

@@ -5,12 +5,14 @@ the header before any pixel is decoded (decompression bombs), only as many pixel
 needs are decoded when asked (`min_side`: JPEG DCT scaling, else an integer `reduce`; the API asks
 for `ALIT_DECODE_SCALE` x the model's input side, see docs/intake.md), EXIF orientation is applied, the first
 frame of an animation is used, and every mode becomes RGB (alpha composited on white; 16-bit and
-float images scaled; CMYK, palette, grayscale converted). Failures raise `ImageError` with the HTTP
-status and a code that names the reason. The API and the Triton model both use it.
+float images scaled; CMYK, palette, grayscale converted). Failures raise `ImageError` with a code
+that names the reason (the API maps codes to HTTP statuses). The API and the Triton model both use it.
 
 The reference (`evaluate_rfid.py`, custom-image branch) does: PIL open -> RGB, resize the shorter
 side to the model size with PIL bicubic (antialiased), center crop, to float32 in [0, 1], CHW, no
 mean/std normalisation. `preprocess` reproduces it bit for bit (tested on the fixture's `input`).
+It is the only preprocessing in the project: the API, the Triton model, training, evaluation and
+the benchmark all call it (`tests/test_preprocessing.py` checks they agree on odd aspect ratios).
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class ImageError(ValueError):
-    """An image the service cannot use: `status` 413 (too large), 415 (not a supported image)
-    or 422 (a supported format, but corrupt)."""
+    """An image the service cannot use. `code` names why: `empty_image`, `image_too_large` (bytes or
+    pixels beyond the limits), `unsupported_image` (not a supported format) or `invalid_image`
+    (a supported format, but corrupt or of unusable shape)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    CODES = ("empty_image", "image_too_large", "unsupported_image", "invalid_image")
+
+    def __init__(self, code: str, message: str):
+        if code not in self.CODES:
+            raise ValueError(f"unknown ImageError code {code!r}")
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -51,29 +58,32 @@ def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Untrusted bytes -> a PIL image whose header (format, size) is read and checked against the
     limits, no pixel decoded yet; or ImageError."""
     if not data:
-        raise ImageError(422, "empty_image", "the image is empty (0 bytes)")
+        raise ImageError("empty_image", "the image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
-        raise ImageError(413, "image_too_large", f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+        raise ImageError("image_too_large", f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(413, "image_too_large", f"image dimensions are too large ({e})") from None
+        raise ImageError("image_too_large", f"image dimensions are too large ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError(415, "unsupported_image", "not a recognised image (supported: PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
+        raise ImageError("unsupported_image",
+                         "not a recognised image (supported: PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
     except Exception as e:
-        raise ImageError(422, "invalid_image", f"cannot read the image header: {e}") from None
+        raise ImageError("invalid_image", f"cannot read the image header: {e}") from None
     if img.format not in FORMATS:
-        raise ImageError(415, "unsupported_image", f"image format {img.format} is not supported (supported: {', '.join(sorted(FORMATS))})")
+        raise ImageError("unsupported_image",
+                         f"image format {img.format} is not supported (supported: {', '.join(sorted(FORMATS))})")
     w, h = img.size
     if w < 1 or h < 1:
-        raise ImageError(422, "invalid_image", f"image has no pixels ({w}x{h})")
+        raise ImageError("invalid_image", f"image has no pixels ({w}x{h})")
     if w * h > limits.max_pixels or max(w, h) > limits.max_side:
-        raise ImageError(413, "image_too_large",
+        raise ImageError("image_too_large",
                          f"image is {w}x{h}; the limits are {limits.max_pixels} pixels and {limits.max_side} per side")
     if max(w, h) / min(w, h) > limits.max_aspect:
-        raise ImageError(422, "invalid_image", f"image is {w}x{h}: aspect ratio beyond {limits.max_aspect:g}:1 is not supported")
+        raise ImageError("invalid_image",
+                         f"image is {w}x{h}: aspect ratio beyond {limits.max_aspect:g}:1 is not supported")
     return img
 
 
@@ -104,12 +114,11 @@ def load_image(img: Image.Image, min_side: int | None = None) -> Image.Image:
             factor = min(img.size) // (REDUCE_MARGIN * min_side)
             if factor >= 2:
                 img = img.reduce(factor)
-        img = ImageOps.exif_transpose(img) or img
-        return to_rgb(img)
+        return to_rgb(ImageOps.exif_transpose(img) or img)
     except ImageError:
         raise
     except Exception as e:  # truncated or corrupt data surfaces here, whatever the decoder
-        raise ImageError(422, "invalid_image", f"the {img.format} data is corrupt or truncated: {e}") from None
+        raise ImageError("invalid_image", f"the {img.format} data is corrupt or truncated: {e}") from None
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), min_side: int | None = None) -> Image.Image:
@@ -146,7 +155,7 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
         new = (size, int(size * h / w))
     else:
         new = (int(size * w / h), size)
-    return img if new == (w, h) else img.resize(new, Image.BICUBIC)
+    return img if new == (w, h) else img.resize(new, Image.Resampling.BICUBIC)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -164,9 +173,19 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return hwc.permute(2, 0, 1).contiguous().float().div_(255.0)  # contiguous: hashing it later is 3x faster
 
 
+def fit_to_model(img: Image.Image, size: int) -> Image.Image:
+    """Any PIL image -> RGB, shorter side resized to `size` (bicubic), centre-cropped to size x size."""
+    return center_crop(resize_shorter_side(img.convert("RGB"), size), size)
+
+
 def preprocess(img: Image.Image, size: int) -> torch.Tensor:
-    """An RGB PIL image -> the model's (3, size, size) input, as the reference prepares it."""
-    return to_tensor(center_crop(resize_shorter_side(img.convert("RGB"), size), size))
+    """A PIL image -> the model's (3, size, size) input in [0, 1], as the reference prepares it."""
+    return to_tensor(fit_to_model(img, size))
+
+
+def load_for_model(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> torch.Tensor:
+    """Untrusted encoded bytes -> the model's input (or ImageError): what the API and Triton run."""
+    return preprocess(decode_image(data, limits), size)
 
 
 def to_png(pixels: torch.Tensor) -> bytes:

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model.alit import ALIT, quality, reference_stop_iteration
-from .model.precision import precision
+from .model.alit import ALIT, BatchMode, reference_stop_iteration
 from .model.checkpoint import build_model, read_config_file, read_state_dict
+from .model.measure import iterate_and_measure
+from .model.precision import precision
 
 NEAR_TIE = 1e-4
 
@@ -81,7 +82,8 @@ class Report:
             err = f"{int(r.error)}" if r.discrete else f"{r.error:.3e}"
             tol = f"{int(r.tolerance)}" if r.discrete else f"{r.tolerance:.0e}"
             lines.append(f"{r.name:<40} {r.compared:>9} {r.skipped:>9} {err:>21} {tol:>10}  {'ok' if r.ok else 'FAIL'}")
-        lines.append(f"RESULT: {'PASS' if self.ok else 'FAIL'} ({sum(not r.ok for r in self.rows)} failing of {len(self.rows)})")
+        failing = sum(not r.ok for r in self.rows)
+        lines.append(f"RESULT: {'PASS' if self.ok else 'FAIL'} ({failing} failing of {len(self.rows)})")
         return "\n".join(lines)
 
 
@@ -93,19 +95,12 @@ def _np(t) -> np.ndarray:
 
 def run_iterations(model: ALIT, images: torch.Tensor, halting: bool = False, threshold=None, draws=None):
     """Every iteration for a batch: per iteration (step outputs, logits, reconstructions, L1)."""
-    states = model.prepare(images)
-    out = []
-    for k in range(model.cfg.max_iters):
-        inj = None if draws is None else list(torch.from_numpy(draws[k]))
-        steps = model.advance(states, halting=halting, threshold=threshold, draws=inj, trace=True)
-        logits = torch.stack([s.logits for s in steps]) if halting else model.decode_logits([s.token_ids for s in steps])
-        recon = model.reconstruct(logits)
-        l1, _ = quality(recon, images)
-        out.append((steps, logits, recon, l1))
-    return out
+    return [(m.steps, m.logits, m.recon, m.l1)
+            for m in iterate_and_measure(model, images, halting=halting, threshold=threshold, draws=draws, trace=True)]
 
 
-def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", batch_mode: str = "packed") -> Report:
+def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32",
+           batch_mode: BatchMode = "packed") -> Report:
     fx = Path(fixture)
     cfg = read_config_file(fx / "config.json")
     model = build_model(cfg, read_state_dict(fx / "checkpoint.pth")).to(device)
@@ -117,19 +112,23 @@ def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", bat
         z, gt = model.vqgan.encode(images)
         rep.continuous("vqgan_z", z, exp["vqgan_z"])
         rep.discrete("vqgan_indices", gt, exp["vqgan_indices"], exp["vqgan_indices_margin"])
-        rep.continuous("img_tokens_normalized_img0", model.image_tokens(images, z)[0], exp["img_tokens_normalized_img0"])
+        rep.continuous("img_tokens_normalized_img0", model.image_tokens(images, z)[0],
+                       exp["img_tokens_normalized_img0"])
 
         for k, (steps, logits, recon, l1) in enumerate(run_iterations(model, images)):
             ids = torch.stack([s.token_ids for s in steps])
             rep.discrete(f"latent_ids_iter{k}", ids, exp[f"latent_ids_iter{k}"], exp[f"latent_ids_margin_iter{k}"])
-            rep.continuous(f"prequant_iter{k}", torch.stack([s.trace["prequant"] for s in steps]), exp[f"prequant_iter{k}"])
-            rep.discrete(f"logits_argmax_iter{k}", logits.argmax(-1), exp[f"logits_argmax_iter{k}"], exp[f"logits_top2_gap_iter{k}"])
+            prequant = torch.stack([s.trace["prequant"] for s in steps])
+            rep.continuous(f"prequant_iter{k}", prequant, exp[f"prequant_iter{k}"])
+            rep.discrete(f"logits_argmax_iter{k}", logits.argmax(-1), exp[f"logits_argmax_iter{k}"],
+                         exp[f"logits_top2_gap_iter{k}"])
             probs = logits.softmax(-1).gather(2, gt[..., None])[..., 0]
             rep.continuous(f"pred_gt_prob_iter{k}", probs, exp[f"pred_gt_prob_iter{k}"])
             rep.continuous(f"recon_iter{k}", recon, exp[f"recon_iter{k}"], "recon")
             rep.continuous(f"l1_iter{k}", l1, exp[f"l1_iter{k}"], "l1")
             if k == 0:
-                rep.continuous("latent_tokens_iter0", torch.stack([s.trace["latent_tokens"] for s in steps]), exp["latent_tokens_iter0"])
+                latent = torch.stack([s.trace["latent_tokens"] for s in steps])
+                rep.continuous("latent_tokens_iter0", latent, exp["latent_tokens_iter0"])
                 rep.continuous("logits_iter0_img0", logits[0], exp["logits_iter0_img0"])
             if k == cfg.max_iters - 1:
                 rep.continuous(f"logits_iter{k}_img0", logits[0], exp[f"logits_iter{k}_img0"])
@@ -154,10 +153,14 @@ def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32", bat
             h = np.load(path)
             draws = [h[f"bernoulli_iter{k}"] for k in range(cfg.max_iters)]
             tag = path.stem.replace("expected_", "")
-            for k, (steps, logits, _, l1) in enumerate(run_iterations(model, images, halting=True, threshold=float(h["threshold"]), draws=draws)):
-                rep.discrete(f"{tag}/latent_ids_iter{k}", torch.stack([s.token_ids for s in steps]), h[f"latent_ids_iter{k}"])
+            run = run_iterations(model, images, halting=True, threshold=float(h["threshold"]), draws=draws)
+            for k, (steps, logits, _, l1) in enumerate(run):
+                ids = torch.stack([s.token_ids for s in steps])
+                rep.discrete(f"{tag}/latent_ids_iter{k}", ids, h[f"latent_ids_iter{k}"])
                 rep.discrete(f"{tag}/logits_argmax_iter{k}", logits.argmax(-1), h[f"logits_argmax_iter{k}"])
-                rep.discrete(f"{tag}/drop_mask_iter{k}", torch.stack([s.drop_mask for s in steps]).int(), h[f"drop_mask_iter{k}"].astype(int))
-                rep.continuous(f"{tag}/pred_gt_prob_iter{k}", torch.stack([s.pred_gt_prob for s in steps]), h[f"pred_gt_prob_iter{k}"])
+                masks = torch.stack([s.drop_mask for s in steps]).int()
+                rep.discrete(f"{tag}/drop_mask_iter{k}", masks, h[f"drop_mask_iter{k}"].astype(int))
+                probs = torch.stack([s.pred_gt_prob for s in steps])
+                rep.continuous(f"{tag}/pred_gt_prob_iter{k}", probs, h[f"pred_gt_prob_iter{k}"])
                 rep.continuous(f"{tag}/l1_iter{k}", l1, h[f"l1_iter{k}"], "l1")
     return rep

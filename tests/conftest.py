@@ -185,7 +185,7 @@ class Server:
 @pytest.fixture(scope="session")
 def triton_ports(tmp_path_factory):
     """A real tritonserver (nvidia-pytriton wheel) on model_repository/, serving the fixture model."""
-    from service.tritonserver import TritonPorts, start_ready
+    from service.triton_launcher import TritonPorts, start_ready
 
     ports = TritonPorts(free_port(), free_port(), free_port())
     env = {"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"), "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
@@ -214,7 +214,8 @@ def start_server(tmp_path, request):
     servers: list[Server] = []
 
     def start(wait: str = "/readyz", **settings) -> Server:
-        """wait: the path that must answer 200 before the server counts as started."""
+        """wait: the path that must answer 200 before the server counts as started. A setting given
+        as None is left unset (e.g. model=None: the service's own default, the shipped weights)."""
         if "engine" in request.fixturenames:  # a test run once per engine (the `engine` fixture)
             settings.setdefault("engine", request.getfixturevalue("engine"))
         if settings.get("engine") == "triton":
@@ -223,7 +224,9 @@ def start_server(tmp_path, request):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ALIT_PORT": str(port), "ALIT_DEVICES": "cpu",
                "ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
                "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
-        env.update({f"ALIT_{k.upper()}": str(v) for k, v in settings.items()})
+        env.update({f"ALIT_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
+        for k in [k for k, v in settings.items() if v is None]:
+            env.pop(f"ALIT_{k.upper()}", None)
         log = tmp_path / f"server-{port}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen([*CLI, "serve"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

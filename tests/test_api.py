@@ -294,13 +294,24 @@ def test_openapi_describes_every_endpoint_schema_and_error(start_server):
     for code in ("401", "413", "415", "422", "503", "504"):
         assert tok["responses"][code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     schemas = spec["components"]["schemas"]
-    for name in ("TokenizeJSON", "TokenizeResponse", "TokenizeResultOut", "TargetSpec", "ReconstructJSON",
-                 "ReconstructResponse", "ModelList", "ErrorResponse"):
+    for name in ("TokenizeJSON", "TokenizeForm", "TokenizeResponse", "TokenizeResultOut", "TargetSpec",
+                 "ReconstructJSON", "ReconstructResponse", "ModelList", "ErrorResponse"):
         assert name in schemas, name
+    # the multipart form: every field the endpoint reads, typed (generated from the pydantic model)
+    ref = tok["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    form = schemas[ref.rsplit("/", 1)[1]]
+    props = form["properties"]
+    assert set(props) == {"file", "max_l1", "min_psnr", "tokens", "max_tokens", "include_reconstruction",
+                          "all_iterations", "stream"}, set(props)
+    assert form["required"] == ["file"] and form["additionalProperties"] is False
+    assert props["file"]["type"] == "string"
+    assert {"number", "null"} == {t["type"] for t in props["max_l1"]["anyOf"]}
+    assert {"integer", "null"} == {t["type"] for t in props["tokens"]["anyOf"]}
+    assert props["stream"]["type"] == "boolean"
 
 
 def test_readme_configuration_table_matches_settings():
-    from service.config import Settings
+    from service.settings import Settings
 
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"^\| `(ALIT_[A-Z0-9_]+)` \|", readme, re.M))

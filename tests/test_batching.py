@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.model.alit import quality
+from service.model.measure import iterate_and_measure, measure_step
 from service.verify import NEAR_TIE
 
 
@@ -14,13 +14,10 @@ def _trajectory(model, states, images, halting=False):
     """Run `states` to the end; per image, per iteration: (ids, L1)."""
     ids = [[] for _ in states]
     l1s = [[] for _ in states]
-    while not states[0].finished:
-        outs = model.advance(states, halting=halting)
-        logits = torch.stack([o.logits for o in outs]) if halting else model.decode_logits([o.token_ids for o in outs])
-        l1, _ = quality(model.reconstruct(logits), images)
-        for i, o in enumerate(outs):
+    for m in iterate_and_measure(model, images, halting=halting, states=states):
+        for i, o in enumerate(m.steps):
             ids[i].append(o.token_ids.numpy())
-            l1s[i].append(float(l1[i]))
+            l1s[i].append(float(m.l1[i]))
     return ids, l1s
 
 
@@ -47,10 +44,8 @@ def test_alone_vs_batch_vs_mixed_iterations(ref_model, images, expected, mode):
             iters = {s.iteration for _, s in active}
             if step >= 3 and not early[0].finished:
                 assert len(iters) == 2  # really mixed
-            outs = ref_model.advance([s for _, s in active])
-            logits = ref_model.decode_logits([o.token_ids for o in outs])
-            l1, _ = quality(ref_model.reconstruct(logits), images[[i for i, _ in active]])
-            for (i, _), o, v in zip(active, outs, l1):
+            m = measure_step(ref_model, ref_model.advance([s for _, s in active]), images[[i for i, _ in active]])
+            for (i, _), o, v in zip(active, m.steps, m.l1):
                 mixed_ids[i].append(o.token_ids.numpy())
                 mixed_l1[i].append(float(v))
             step += 1

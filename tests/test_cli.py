@@ -36,8 +36,21 @@ def test_verify_reports_a_missing_fixture_cleanly(tmp_path):
     assert "error:" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_convert_then_load(tmp_path, fixture_dir):
+def test_convert_then_load(tmp_path, fixture_dir, images):
     r = run_cli("convert", str(fixture_dir / "checkpoint.pth"), str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    assert "fingerprint" in r.stdout
+    import torch
+
+    from service.model.registry import resolve
+
+    original = resolve(str(fixture_dir / "checkpoint.pth"))
+    converted = resolve(str(tmp_path / "out"))  # the path ALIT_MODEL=OUT_DIR takes
+    assert converted.source == str(tmp_path / "out" / "model.safetensors")
+    assert converted.fingerprint == original.fingerprint
+    assert f"fingerprint {converted.fingerprint}" in r.stdout
+    with torch.inference_mode():  # the same weights compute the same tokens
+        a = original.model.advance(original.model.prepare(images[:2]))
+        b = converted.model.advance(converted.model.prepare(images[:2]))
+    for x, y in zip(a, b):
+        assert torch.equal(x.token_ids, y.token_ids)

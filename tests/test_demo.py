@@ -21,7 +21,7 @@ def test_demo_page_updates_token_count_and_images(start_server, tmp_path):
     if not (node and chromium and (E2E / "node_modules" / "playwright-core").is_dir()):
         pytest.skip("BROWSER TEST NOT RUN: needs node, Debian's chromium and `npm ci` in tests/e2e "
                     "(`make test` installs them when it can)")
-    from service.config import DEFAULT_MODEL
+    from service.settings import DEFAULT_MODEL
 
     srv = start_server(model=DEFAULT_MODEL)  # the shipped trained model: a meaningful screenshot
     shot = tmp_path / "demo.png"

@@ -21,7 +21,7 @@ def test_serve_answers_healthz_readyz_and_models():
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["status"] == "ready"
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
-        from service.config import DEFAULT_MODEL
+        from service.settings import DEFAULT_MODEL
 
         shipped = not DEFAULT_MODEL.startswith("preset:")
         assert models[0]["id"] == ("alit-serve-default" if shipped else "test_tiny")

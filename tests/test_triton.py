@@ -225,3 +225,44 @@ def test_the_front_answers_503_while_triton_is_unreachable(start_server):
     assert ready.status_code == 503 and "unreachable" in ready.json()["error"]["message"], ready.text
     r = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", PHOTOS[0].read_bytes())}, timeout=60)
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+
+
+def test_make_triton_and_serve_without_alit_model_agree_on_the_shipped_weights(tmp_path, start_server):
+    """The README's path with no ALIT_MODEL anywhere: `alit-serve triton` (what `make triton` runs)
+    and `ALIT_ENGINE=triton alit-serve serve` both default to the shipped weights/, so the front is
+    ready and tokenizes (the Triton model once fell back to a random preset: 503 on both)."""
+    import os
+    import subprocess
+
+    import httpx
+
+    from conftest import CLI, ROOT, free_port, wait_http
+
+    ports = [free_port() for _ in range(3)]
+    env = {k: v for k, v in os.environ.items() if k != "ALIT_MODEL"}
+    env.update(PYTHONPATH=str(ROOT), ALIT_TORCH_THREADS=os.environ.get("ALIT_TEST_THREADS", "2"))
+    log = tmp_path / "triton.log"
+    with open(log, "w") as out:
+        triton = subprocess.Popen([*CLI, "triton", "--runtime", str(tmp_path / "runtime"), "--http-port", str(ports[0]),
+                                   "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{ports[0]}/v2/models/alit/ready", triton, timeout=180, log=log)
+        srv = start_server(engine="triton", triton_url=f"127.0.0.1:{ports[1]}", model=None, wait="/healthz")
+        deadline = time.monotonic() + 30
+        while (ready := httpx.get(srv.url + "/readyz", timeout=5)).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["model"]["id"] == "alit-serve-default"
+        r = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", PHOTOS[0].read_bytes())},
+                       data={"max_l1": "0.3"}, timeout=120)
+        assert r.status_code == 200, r.text
+        res = r.json()["results"][0]
+        assert res["num_tokens"] > 0 and res["num_tokens"] % 32 == 0 and res["cached"] is False
+    finally:
+        triton.terminate()
+        try:
+            triton.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            triton.kill()
+            triton.wait()

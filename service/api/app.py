@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -15,17 +16,18 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cache import make_cache
-from ..config import SHIPPED_WEIGHTS, Settings
+from ..engine import Engine, EngineInterface, Target
 from ..metrics import Metrics
-from ..engine import Engine, EngineSettings, Target
 from ..model.presets import preset_name_of
 from ..model.registry import resolve
 from .. import tracing
+from ..imaging import ImageLimits
+from ..settings import SHIPPED_WEIGHTS, Settings, engine_settings
 from . import errors
 from .auth import KeyStore
-from ..imaging import ImageLimits
+from .cached_tokenize import TokenizePipeline
+from .draining import stamp_arrival
 from .intake import DecodeBudget, Intake
-from .pipeline import TokenizePipeline
 from .request_log import RequestLog
 from .routes import router
 
@@ -37,7 +39,7 @@ ENDPOINTS = {"/v1/tokenize", "/v1/reconstruct", "/tokenize", "/reconstruct", "/v
 @dataclass
 class ServiceState:
     settings: Settings
-    engine: Engine
+    engine: EngineInterface
     cache: object
     pipeline: TokenizePipeline
     default_target: Target
@@ -53,9 +55,18 @@ class ServiceState:
             self.draining = True
             self.drain_started = time.monotonic()
 
-    @property
-    def busy(self) -> bool:
-        return self.inflight > 0 or self.engine.busy
+    async def drain(self, timeout: float) -> bool:
+        """After a shutdown signal: refuse new requests, let the ones received before it finish
+        (they may still hand work to the engine: a tokenize, then its reconstruction), then drain
+        the engine (`engine.drain`: it takes no more work and finishes what it holds).
+        True when everything finished within `timeout` seconds."""
+        self.start_draining()
+        deadline = time.monotonic() + timeout
+        await asyncio.sleep(0.05)  # let requests that were just accepted register
+        while self.inflight > 0 and time.monotonic() < deadline:  # HTTP requests, not engine work
+            await asyncio.sleep(0.05)
+        engine_done = await self.engine.drain(max(0.0, deadline - time.monotonic()))
+        return engine_done and self.inflight == 0
 
 
 def model_id(loaded) -> str:
@@ -78,20 +89,21 @@ def build_state(settings: Settings) -> ServiceState:
     model_ref = {"id": model_id(loaded), "fingerprint": loaded.fingerprint}
     metrics.model_info.info({"id": model_ref["id"], "fingerprint": loaded.fingerprint,  # no paths: /metrics is public
                              "image_size": str(cfg.img_size), "max_tokens": str(cfg.max_tokens)})
-    engine_settings = EngineSettings(
-        devices=settings.devices, max_batch=settings.max_batch, max_queue=settings.max_queue,
-        batch_mode=settings.batch_mode, halting=settings.halting, dtype=settings.dtype, warmup=settings.warmup,
-    )
+    engine: EngineInterface
     if settings.engine == "triton":  # Triton tokenizes; this process keeps cache, auth, limits, /reconstruct
         from ..engine.remote import TritonEngine
 
-        engine_settings.devices, engine_settings.warmup = "cpu", False
-        engine = TritonEngine(loaded, settings.triton_url, local=engine_settings, observer=metrics).start()
+        local = engine_settings(settings, devices="cpu")
+        local.warmup = False
+        remote = TritonEngine(loaded, settings.triton_url, local=local, observer=metrics).start()
+        metrics.devices = [w.device for w in remote.local.workers]
+        engine = remote
     else:
-        engine = Engine(loaded, engine_settings, observer=metrics).start()
-    metrics.devices = [w.device for w in engine.workers]
-    if settings.fault_injection:
-        engine.set_fault_hook(_inject_fault)
+        in_process = Engine(loaded, engine_settings(settings), observer=metrics).start()
+        metrics.devices = [w.device for w in in_process.workers]
+        if settings.fault_injection:  # tests only; the in-process engine's model calls
+            in_process.set_fault_hook(_inject_fault)
+        engine = in_process
     cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
                        max_entries=settings.cache_max_entries)
     cache.on_error = metrics.cache_errors.inc
@@ -131,7 +143,7 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         svc = getattr(self.fastapi_app.state, "svc", None)
         limit = self.fastapi_app.state.settings.max_body_bytes
-        scope.setdefault("state", {})["arrived"] = time.monotonic()
+        stamp_arrival(scope)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             if svc is not None:
@@ -167,7 +179,8 @@ class RequestGuard:
             if svc is not None:
                 svc.inflight -= 1
                 path = scope.get("path", "")
-                svc.metrics.request(path if path in ENDPOINTS else "other", status or 500, time.perf_counter() - started)
+                svc.metrics.request(path if path in ENDPOINTS else "other", status or 500,
+                                    time.perf_counter() - started)
 
 
 async def _send_413(send, limit: int) -> None:
@@ -219,19 +232,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _publish_manual_schemas(app: FastAPI) -> None:
-    """/v1/tokenize parses its body by content type, so FastAPI cannot see its JSON model; add it."""
+    """/v1/tokenize parses its body by content type, so FastAPI cannot see its two body models
+    (multipart form and JSON); their schemas are generated from the pydantic models and added."""
     from fastapi.openapi.utils import get_openapi
 
-    from .schemas import TokenizeJSON
+    from .routes import BODY_MODELS
 
     def openapi():
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            extra = TokenizeJSON.model_json_schema(ref_template="#/components/schemas/{model}")
             comps = spec.setdefault("components", {}).setdefault("schemas", {})
-            comps.update(extra.pop("$defs", {}))
-            comps["TokenizeJSON"] = extra
+            for model in BODY_MODELS:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(schema.pop("$defs", {}))
+                comps[model.__name__] = schema
             app.openapi_schema = spec
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # how FastAPI documents extending the schema

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +28,14 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.detail, self.headers = status, code, message, detail, headers
 
 
+# What each ImageError code means in HTTP: limits are 413, formats 415, corrupt images 422.
+IMAGE_ERROR_STATUS = {"empty_image": 422, "image_too_large": 413, "unsupported_image": 415, "invalid_image": 422}
+
+
+class ClientGone(Exception):
+    """The client closed the connection; its images were cancelled and left the engine."""
+
+
 def error_body(code: str, message: str, detail=None) -> dict:
     return {"error": {"code": code, "message": message, "detail": detail, "request_id": REQUEST_ID.get()}}
 
@@ -39,7 +48,7 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(422, "invalid_tokens" if exc.field == "token_ids" else "invalid_target", str(exc),
                         {"field": exc.field})
     if isinstance(exc, ImageError):
-        return ApiError(exc.status, exc.code, exc.message)
+        return ApiError(IMAGE_ERROR_STATUS[exc.code], exc.code, exc.message)
     if isinstance(exc, QueueFull):
         retry = max(1, math.ceil(exc.retry_after))
         return ApiError(503, "overloaded", str(exc), {"retry_after_s": retry}, {"Retry-After": str(retry)})
@@ -51,7 +60,7 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(504, "deadline_exceeded", str(exc))
     if isinstance(exc, StepFailed):
         return ApiError(500, "inference_failed", str(exc))
-    if type(exc).__name__ == "ClientGone":  # nobody reads this answer; 499 as nginx logs it
+    if isinstance(exc, ClientGone):  # nobody reads this answer; 499 as nginx logs it
         return ApiError(499, "client_closed_request", "the client closed the connection")
     log.exception("unhandled error", exc_info=exc)
     return ApiError(500, "internal_error", f"internal error ({type(exc).__name__}); this is a bug")
@@ -76,7 +85,8 @@ def install(app: FastAPI) -> None:
         errors = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg", "")}
                   for e in exc.errors()]
         first = errors[0] if errors else {"field": "", "message": "invalid request"}
-        return JSONResponse(error_body("invalid_request", f"{first['field']}: {first['message']}", errors), status_code=422)
+        body = error_body("invalid_request", f"{first['field']}: {first['message']}", errors)
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -89,7 +99,7 @@ def install(app: FastAPI) -> None:
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or wrong API key", "model": None},
     413: {"description": "Body or image too large"},
     415: {"description": "Not a supported image"},

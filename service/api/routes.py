@@ -7,64 +7,49 @@ import base64
 import binascii
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import IterationRecord, Target
 from .. import tracing
+from ..engine import IterationRecord, Target
 from ..imaging import to_png
 from ..model.presets import preset_name_of
 from .auth import require_key
-from .errors import ERROR_RESPONSES, ApiError, error_body, to_api_error
-from .pipeline import Outcome
+from .cached_tokenize import Outcome
+from .draining import not_draining
+from .errors import ERROR_RESPONSES, ApiError, ClientGone, error_body, to_api_error
 from .schemas import (
     ErrorResponse,
     ModelList,
     ReconstructJSON,
     ReconstructResponse,
     TargetSpec,
+    TokenizeForm,
     TokenizeJSON,
     TokenizeResponse,
 )
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {**v, "model": ErrorResponse} for code, v in ERROR_RESPONSES.items()}
-TARGET_FORM_FIELDS = ("max_l1", "min_psnr", "tokens", "max_tokens")
-
-TOKENIZE_BODY = {
+TOKENIZE_BODY = {  # the route reads its body by content type, so FastAPI cannot infer it; both are pydantic models
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {
-                    "file": {"type": "string", "format": "binary", "description": "the image"},
-                    **{f: {"type": "number"} for f in TARGET_FORM_FIELDS},
-                    "include_reconstruction": {"type": "boolean"},
-                    "all_iterations": {"type": "boolean"},
-                    "stream": {"type": "boolean"},
-                },
-            }},
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/TokenizeForm"}},
             "application/json": {"schema": {"$ref": "#/components/schemas/TokenizeJSON"}},
         },
     }
 }
+BODY_MODELS = (TokenizeForm, TokenizeJSON)  # published in components/schemas by app.py
 
 
 def _state(request: Request):
     return request.app.state.svc
-
-
-async def not_draining(request: Request) -> None:
-    """Requests that arrive after a shutdown signal are refused; earlier ones finish."""
-    svc = request.app.state.svc
-    if svc is not None and svc.draining and request.scope.get("state", {}).get("arrived", 0.0) >= svc.drain_started:
-        raise ApiError(503, "draining", "the server is shutting down; retry on another replica", None, {"Retry-After": "5"})
 
 
 # ----- parsing ---------------------------------------------------------------------------------------
@@ -86,23 +71,39 @@ def _deadline(request: Request) -> float:
     return time.monotonic() + timeout
 
 
-def _bool(value: str | None, field: str) -> bool:
-    if value is None or value == "":
-        return False
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ApiError(422, "invalid_request", f"{field}: expected true or false, got {value!r}", {"field": field})
+_FLAG = TypeAdapter(bool)
 
 
-def _number(value: str, field: str) -> float | int:
+def _query_flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name)
+    if value in (None, ""):
+        return False
     try:
-        f = float(value)
-    except ValueError:
-        raise ApiError(422, "invalid_target", f"{field}: must be a number, got {value!r}", {"field": field}) from None
-    return int(f) if field in ("tokens", "max_tokens") and f.is_integer() else f
+        return _FLAG.validate_python(value)
+    except ValidationError:
+        raise ApiError(422, "invalid_request", f"{name}: expected true or false, got {value!r}",
+                       {"field": name}) from None
+
+
+def _form_error(e: ValidationError) -> ApiError:
+    """The first problem of a multipart form, named by its field (a target field's is `invalid_target`)."""
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err.get("loc", ())) or "file"
+    if err.get("type") == "extra_forbidden":
+        known = ", ".join(TokenizeForm.model_fields)
+        return ApiError(422, "invalid_request", f"{field}: unknown form field (known: {known})", {"field": field})
+    if field == "file":
+        return ApiError(422, "invalid_request", "file: a multipart field named 'file' holding the image is required",
+                        {"field": "file"})
+    code = "invalid_target" if field in TargetSpec.model_fields else "invalid_request"
+    return ApiError(422, code, f"{field}: {err.get('msg')}, got {err.get('input')!r}", {"field": field})
+
+
+def _json_error(e: ValidationError) -> ApiError:
+    errs = e.errors()
+    field = ".".join(str(p) for p in errs[0].get("loc", ()))
+    return ApiError(422, "invalid_request", f"{field}: {errs[0].get('msg')}",
+                    [{"field": ".".join(str(p) for p in x.get("loc", ())), "message": x.get("msg")} for x in errs])
 
 
 async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], bool, bool, bool]:
@@ -118,42 +119,34 @@ async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], b
             raise ApiError(422, "invalid_request", f"malformed multipart body: {e.detail}") from None
         except Exception as e:
             raise ApiError(422, "invalid_request", f"malformed multipart body: {e}") from None
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(422, "invalid_request", "file: a multipart field named 'file' holding the image is required",
-                           {"field": "file"})
-        known = {"file", "include_reconstruction", "all_iterations", "stream", *TARGET_FORM_FIELDS}
-        unknown = sorted(set(form.keys()) - known)
-        if unknown:
-            raise ApiError(422, "invalid_request", f"{unknown[0]}: unknown form field (known: {', '.join(sorted(known))})",
-                           {"field": unknown[0]})
-        target = {f: _number(str(form[f]), f) for f in TARGET_FORM_FIELDS if form.get(f) not in (None, "")}
-        data = await upload.read()
-        opts = [_bool(form.get(k), k) for k in ("include_reconstruction", "all_iterations", "stream")]
-        stream = opts[2] or _bool(request.query_params.get("stream"), "stream")
-        return [(data, target)], opts[0], opts[1], stream
+        try:  # an empty field is an absent one
+            body = TokenizeForm.model_validate({k: v for k, v in form.items() if v != ""})
+        except ValidationError as e:
+            raise _form_error(e) from None
+        data = await body.file.read()
+        stream = body.stream or _query_flag(request, "stream")
+        return [(data, body.target())], body.include_reconstruction, body.all_iterations, stream
     if ctype in ("application/json", ""):
         try:
-            body = TokenizeJSON.model_validate_json(await request.body())
+            parsed = TokenizeJSON.model_validate_json(await request.body())
         except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err.get("loc", ()))
-            raise ApiError(422, "invalid_request", f"{field}: {err.get('msg')}",
-                           [{"field": ".".join(str(p) for p in x.get("loc", ())), "message": x.get("msg")} for x in e.errors()]) from None
-        if len(body.images) > svc.settings.max_batch_images:
-            raise ApiError(413, "too_many_images", f"images: {len(body.images)} images; the limit per request is "
+            raise _json_error(e) from None
+        if len(parsed.images) > svc.settings.max_batch_images:
+            raise ApiError(413, "too_many_images", f"images: {len(parsed.images)} images; the limit per request is "
                            f"{svc.settings.max_batch_images}", {"field": "images"})
         items = []
-        for i, item in enumerate(body.images):
+        for i, item in enumerate(parsed.images):
             try:
                 data = base64.b64decode(item.image, validate=True)
             except (binascii.Error, ValueError):
-                raise ApiError(422, "invalid_base64", f"images.{i}.image: not valid base64", {"field": f"images.{i}.image"}) from None
+                field = f"images.{i}.image"
+                raise ApiError(422, "invalid_base64", f"{field}: not valid base64", {"field": field}) from None
             items.append((data, item.target.model_dump(exclude_none=True) if item.target else {}))
-        stream = body.stream or _bool(request.query_params.get("stream"), "stream")
-        return items, body.include_reconstruction, body.all_iterations, stream
+        stream = parsed.stream or _query_flag(request, "stream")
+        return items, parsed.include_reconstruction, parsed.all_iterations, stream
     raise ApiError(415, "unsupported_media_type",
-                   f"Content-Type {ctype!r} is not accepted: send multipart/form-data (field 'file') or application/json")
+                   f"Content-Type {ctype!r} is not accepted: send multipart/form-data (field 'file') or "
+                   "application/json")
 
 
 # ----- tokenize --------------------------------------------------------------------------------------
@@ -213,10 +206,6 @@ async def tokenize(request: Request):
         if isinstance(r, BaseException):
             raise r
     return JSONResponse({"model": svc.model_ref, "results": results})
-
-
-class ClientGone(Exception):
-    """The client closed the connection; its images were cancelled and left the engine."""
 
 
 async def _unless_disconnected(request: Request, awaitable, poll_s: float = 0.25):
@@ -279,7 +268,7 @@ async def reconstruct(body: ReconstructJSON, request: Request):
     deadline = _deadline(request)
     ids = body.token_ids
     single = not ids or not isinstance(ids[0], list)
-    seqs = [ids] if single else ids
+    seqs = [cast(list[int], ids)] if single else cast(list[list[int]], ids)
     if len(seqs) > svc.settings.max_batch_images:
         raise ApiError(413, "too_many_images", f"token_ids: {len(seqs)} sequences; the limit per request is "
                        f"{svc.settings.max_batch_images}", {"field": "token_ids"})
@@ -295,7 +284,8 @@ async def reconstruct(body: ReconstructJSON, request: Request):
 # ----- models, health --------------------------------------------------------------------------------
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"], dependencies=[Depends(require_key), Depends(not_draining)])
+@router.get("/v1/models", response_model=ModelList, tags=["models"],
+            dependencies=[Depends(require_key), Depends(not_draining)])
 async def models(request: Request):
     svc = _state(request)
     lm, c = svc.engine.loaded, svc.engine.loaded.config
@@ -330,16 +320,19 @@ async def readyz(request: Request):
     if svc.draining:
         return JSONResponse(error_body("draining", "shutting down; finishing in-flight requests"), status_code=503)
     if not svc.engine.ready:
-        bad = [w.device for w in svc.engine.workers if not w.healthy]
-        why = getattr(svc.engine, "problem", "") or "workers not ready"  # the Triton engine says why
-        return JSONResponse(error_body("unhealthy", why, {"workers": bad}), status_code=503)
-    return {"status": "ready", "model": svc.model_ref, "cache": {"backend": svc.cache.backend, "available": svc.cache.available}}
+        # the engine says why: a worker warming up, failing (with its last error) or dead; Triton unreachable
+        why = svc.engine.problem or "the engine is not ready"
+        return JSONResponse(error_body("unhealthy", why), status_code=503)
+    return {"status": "ready", "model": svc.model_ref,
+            "cache": {"backend": svc.cache.backend, "available": svc.cache.available}}
 
 
 # unversioned aliases, as the mission names them (same handlers, same documentation)
 router.add_api_route("/tokenize", tokenize, methods=["POST"], name="tokenize_unversioned", tags=["tokenize"],
-                     response_model=TokenizeResponse, openapi_extra=TOKENIZE_BODY, dependencies=[Depends(require_key), Depends(not_draining)],
+                     response_model=TokenizeResponse, openapi_extra=TOKENIZE_BODY,
+                     dependencies=[Depends(require_key), Depends(not_draining)],
                      responses={**ERRORS, 200: {"content": {"application/x-ndjson": {}}}})
-router.add_api_route("/reconstruct", reconstruct, methods=["POST"], name="reconstruct_unversioned", tags=["reconstruct"],
+router.add_api_route("/reconstruct", reconstruct, methods=["POST"], name="reconstruct_unversioned",
+                     tags=["reconstruct"],
                      response_model=ReconstructResponse, dependencies=[Depends(require_key), Depends(not_draining)],
                      responses={**ERRORS, 200: {"content": {"image/png": {}}}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -11,9 +12,14 @@ class TargetSpec(BaseModel):
     """A quality target. None of them = the server's default (`max_l1` 0.07 unless configured)."""
 
     model_config = ConfigDict(extra="forbid")
-    max_l1: float | None = Field(None, description="Mean absolute pixel error in [0, 1] the reconstruction must reach.", examples=[0.07])
-    min_psnr: float | None = Field(None, description="PSNR in dB the clamped reconstruction must reach.", examples=[24.0])
-    tokens: int | None = Field(None, description="Exact token budget (a multiple of the tokens per iteration); no quality is measured.", examples=[128])
+    max_l1: float | None = Field(None,
+                                 description="Mean absolute pixel error in [0, 1] the reconstruction must "
+                                             "reach.", examples=[0.07])
+    min_psnr: float | None = Field(None,
+                                   description="PSNR in dB the clamped reconstruction must reach.", examples=[24.0])
+    tokens: int | None = Field(None,
+                               description="Exact token budget (a multiple of the tokens per iteration); no quality is "
+                                           "measured.", examples=[128])
     max_tokens: int | None = Field(None, description="Cap on tokens for a quality target.", examples=[192])
 
 
@@ -23,12 +29,31 @@ class ImageItem(BaseModel):
     target: TargetSpec | None = None
 
 
-class TokenizeJSON(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    images: list[ImageItem] = Field(..., min_length=1, description="One or more images, each with its own target.")
-    include_reconstruction: bool = Field(False, description="Add the reconstruction of the returned tokens as a base64 PNG.")
+class TokenizeOptions(BaseModel):
+    """What to return besides the tokens; the same in both request forms."""
+
+    include_reconstruction: bool = Field(False,
+                                         description="Add the reconstruction of the returned tokens as a base64 PNG.")
     all_iterations: bool = Field(False, description="Add the token ids and quality of every iteration run.")
     stream: bool = Field(False, description="Answer as NDJSON: one event per iteration, then the result.")
+
+
+class TokenizeJSON(TokenizeOptions):
+    """`application/json`: a batch of base64 images, each with its own target."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: list[ImageItem] = Field(..., min_length=1, description="One or more images, each with its own target.")
+
+
+class TokenizeForm(TargetSpec, TokenizeOptions):
+    """`multipart/form-data`: one image (`file`) with the target fields and options as form fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: UploadFile = Field(..., description="The image (PNG, JPEG, WebP, GIF, BMP, TIFF).")
+
+    def target(self) -> dict[str, float | int]:
+        """The target fields that were given, as the JSON form's `target` object holds them."""
+        return {k: getattr(self, k) for k in TargetSpec.model_fields if getattr(self, k) is not None}
 
 
 class IterationOut(BaseModel):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import uvicorn
 
 from .. import logs, tracing
-from ..config import Settings
+from ..settings import Settings
 from .app import create_app
 
 log = logging.getLogger("alit.server")
@@ -30,16 +29,12 @@ class DrainingServer(uvicorn.Server):
         svc = getattr(self.fastapi_app.state, "svc", None)
         if self._drain_task is not None or svc is None:
             return super().handle_exit(sig, frame)  # second signal, or nothing to drain: stop now
-        svc.start_draining()
+        svc.start_draining()  # readiness and new requests turn 503 now, before the task first runs
         log.info("signal %s: draining (up to %.0fs)", sig, svc.settings.drain_seconds)
         self._drain_task = asyncio.get_event_loop().create_task(self._drain(svc))
 
     async def _drain(self, svc) -> None:
-        deadline = time.monotonic() + svc.settings.drain_seconds
-        await asyncio.sleep(0.05)  # let requests that were just accepted register
-        while svc.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if svc.busy:
+        if not await svc.drain(svc.settings.drain_seconds):
             log.warning("drain timeout: %d requests still in flight", svc.inflight)
         self.should_exit = True
 

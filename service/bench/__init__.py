@@ -21,6 +21,11 @@ STRATEGIES = ("reference", "lockstep", "continuous")
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "alit-reference" / "images"
 
 
+FULL = {"saturation_requests": 256, "reference_requests": 48, "poisson_requests": 200,
+        "load_fractions": [0.3, 0.5, 0.7, 0.9]}
+QUICK = {"saturation_requests": 128, "reference_requests": 24, "poisson_requests": 96, "load_fractions": [0.4, 0.7]}
+
+
 def _progress(msg: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
 
@@ -47,9 +52,9 @@ def run(args: argparse.Namespace) -> dict:
         prof = profile.profile_stages(model, batch, halting=not args.no_halting)
         one = profile.profile_stages(model, pixels[:1], halting=not args.no_halting)
         flops = profile.flops_per_image(model, batch, halting=not args.no_halting) if args.flops else None
-    _progress("per-image cost at batch %d: prepare %.2f ms, iterations %s ms, pixel decode %.2f ms" % (
-        prof.batch, prof.prepare_s * 1e3, " ".join(f"{s * 1e3:.2f}" for s in prof.iteration_s),
-        prof.pixel_decode_s * 1e3), t0)
+    iters_ms = " ".join(f"{s * 1e3:.2f}" for s in prof.iteration_s)
+    _progress(f"per-image cost at batch {prof.batch}: prepare {prof.prepare_s * 1e3:.2f} ms, iterations {iters_ms} ms, "
+              f"pixel decode {prof.pixel_decode_s * 1e3:.2f} ms", t0)
     settings = EngineSettings(devices=args.device, max_batch=args.max_batch, max_queue=1_000_000,
                               batch_mode=args.batch_mode, halting=not args.no_halting, dtype=args.dtype,
                               lockstep_max_delay=args.max_delay, admission=args.admission)
@@ -66,11 +71,12 @@ def run(args: argparse.Namespace) -> dict:
         "latency_one_image": one.to_dict(),
         "strategies": {},
     }
-    _progress("one image alone: prepare %.2f ms, iterations %s ms, pixel decode %.2f ms" % (
-        one.prepare_s * 1e3, " ".join(f"{s * 1e3:.2f}" for s in one.iteration_s), one.pixel_decode_s * 1e3), t0)
+    iters_ms = " ".join(f"{s * 1e3:.2f}" for s in one.iteration_s)
+    _progress(f"one image alone: prepare {one.prepare_s * 1e3:.2f} ms, iterations {iters_ms} ms, "
+              f"pixel decode {one.pixel_decode_s * 1e3:.2f} ms", t0)
     if flops is not None:
-        peak = profile.matmul_peak(args.device, torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype),
-                                   n=8192 if args.device.startswith("cuda") else 1024)
+        dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype)
+        peak = profile.matmul_peak(args.device, dtype, n=8192 if args.device.startswith("cuda") else 1024)
         achieved = (flops["prepare"] + sum(flops["iteration"]) + flops["pixel_decode"]) / (
             prof.prepare_s + sum(prof.iteration_s) + prof.pixel_decode_s)
         report["flops"] = {"per_image": flops, "matmul_peak_flops": peak,
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> dict:
         report["strategies"][name] = {"saturation": res, "saturation_throughput": res["throughput"],
                                       "efficiency": eff, "poisson": []}
         _progress(f"  {name}: {res['throughput']:.2f} img/s (efficiency {eff:.0%}), p50 {res['p50_s']:.3f} s, "
-                  f"{res['mean_iterations']:.2f} iterations and {res['pixel_decodes_per_image']:.2f} decodes per image", t0)
+                  f"{res['mean_iterations']:.2f} iterations and {res['pixel_decodes_per_image']:.2f} decodes per image",
+                  t0)
     if "lockstep" in report["strategies"]:
         lock_sat = report["strategies"]["lockstep"]["saturation_throughput"]
         for frac in args.load_fractions:
@@ -114,7 +121,8 @@ def run(args: argparse.Namespace) -> dict:
                 if abs(frac - 0.7) < 1e-9:
                     s["p50_at_70pct_lockstep_load"] = res["p50_s"]
                     s["p99_at_70pct_lockstep_load"] = res["p99_s"]
-                _progress(f"  {name}: got {res['throughput']:.2f}/s, p50 {res['p50_s']:.3f} s, p99 {res['p99_s']:.3f} s", t0)
+                _progress(f"  {name}: got {res['throughput']:.2f}/s, p50 {res['p50_s']:.3f} s, "
+                          f"p99 {res['p99_s']:.3f} s", t0)
     for s in report["strategies"].values():
         for k in ("iterations", "pixel_decodes"):
             s["saturation"].pop(k, None)
@@ -160,7 +168,8 @@ def plot(report: dict, path: str) -> None:
         pts = sorted((p["offered_rate"], p["p99_s"], p["p50_s"]) for p in s["poisson"])
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} p99")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", linestyle="--", alpha=0.6, label=f"{name} p50")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", linestyle="--", alpha=0.6,
+                    label=f"{name} p50")
     ax.set_xlabel("offered load (images/s, Poisson)")
     ax.set_ylabel("latency (s)")
     ax.set_yscale("log")
@@ -172,25 +181,30 @@ def plot(report: dict, path: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..config import Settings
+    from ..settings import Settings
 
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images the workload is built from")
     p.add_argument("--model", default=Settings().model)
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of " + ",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help="comma-separated subset of " + ",".join(STRATEGIES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay", type=float, default=0.010, help="lock-step batcher's max queue delay (s)")
     p.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
-    p.add_argument("--admission", default="measured", choices=["measured", "max_batch"])
+    p.add_argument("--admission", default="max_batch", choices=["max_batch", "measured"],
+                   help="continuous batching's in-flight limit: max_batch, or the knee of a cost curve "
+                        "measured at warm-up")
     p.add_argument("--no-halting", action="store_true", help="turn 2D-token halting off")
     p.add_argument("--crops", type=int, default=24)
-    p.add_argument("--saturation-requests", type=int, default=256)
-    p.add_argument("--reference-requests", type=int, default=48)
-    p.add_argument("--poisson-requests", type=int, default=200)
-    p.add_argument("--load-fractions", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
-    p.add_argument("--flops", action="store_true", help="count FLOPs and report utilisation against a measured matmul peak")
+    p.add_argument("--saturation-requests", type=int, help="default 256 (--quick: 128)")
+    p.add_argument("--reference-requests", type=int, help="default 48 (--quick: 24)")
+    p.add_argument("--poisson-requests", type=int, help="default 200 (--quick: 96)")
+    p.add_argument("--load-fractions", type=float, nargs="+", help="of lock-step's saturation throughput; "
+                   "default 0.3 0.5 0.7 0.9 (--quick: 0.4 0.7)")
+    p.add_argument("--flops", action="store_true",
+                   help="count FLOPs and report utilisation against a measured matmul peak")
     p.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the simulated-device runs")
     p.add_argument("--sim-saturation", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--quick", action="store_true", help="small runs (a few minutes on 2 CPU cores)")
@@ -199,9 +213,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.quick:
-        args.saturation_requests, args.reference_requests, args.poisson_requests = 128, 24, 96
-        args.load_fractions = [0.4, 0.7]
+    defaults = QUICK if args.quick else FULL
+    for k, v in defaults.items():  # what the command line did not set
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = set(args.strategies) - set(STRATEGIES)
     if unknown:

@@ -5,6 +5,7 @@ lock-step's saturation throughput."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ async def drive(engine: Engine, work: list[tuple[torch.Tensor, Target]], arrival
     await asyncio.gather(*(one(i, t, a) for (i, t), a in zip(work, arrivals)))
     makespan = loop.time() - t0
     lat = np.array(latencies)
-    out = {
+    out: dict[str, Any] = {
         "requests": len(work),
         "makespan_s": makespan,
         "throughput": len(work) / makespan,

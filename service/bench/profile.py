@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.alit import ALIT
+from ..model.measure import step_logits
 
 
 @dataclass
@@ -58,7 +59,7 @@ def profile_stages(model: ALIT, images: torch.Tensor, halting: bool, repeats: in
                 outs = model.advance(states, halting=halting)
                 _sync(dev)
                 best_it[k] = min(best_it[k], time.perf_counter() - t)
-            logits = torch.stack([o.logits for o in outs]) if halting else model.decode_logits([o.token_ids for o in outs])
+            logits = step_logits(model, outs)
             _sync(dev)
             t = time.perf_counter()
             model.reconstruct(logits)
@@ -82,7 +83,7 @@ def flops_per_image(model: ALIT, images: torch.Tensor, halting: bool) -> dict:
             with FlopCounterMode(display=False) as fc:
                 outs = model.advance(states, halting=halting)
             out["iteration"].append(fc.get_total_flops() / n)
-        logits = torch.stack([o.logits for o in outs]) if halting else model.decode_logits([o.token_ids for o in outs])
+        logits = step_logits(model, outs)
         with FlopCounterMode(display=False) as fc:
             model.reconstruct(logits)
         out["pixel_decode"] = fc.get_total_flops() / n

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..engine import ModelLimits, Target
+from ..engine.admission import CostCurve, sizes_up_to
 from ..engine.jobs import Job, TokenizeJob
 from ..engine.observer import EngineObserver
 from ..engine.policies import make_policy
-from ..engine.admission import CostCurve, sizes_up_to
 from ..engine.scheduler import Scheduler
 from ..model.alit import ImageState, StepOutput
 from .workload import Request
@@ -65,6 +66,7 @@ class SimulatedDevice:
         outs = []
         for j in jobs:
             s = j.state
+            assert s is not None  # admitted by prepare()
             s.iteration += 1
             s.x = None if s.iteration >= self.limits.max_iters else s.x
             outs.append(StepOutput(token_ids=torch.zeros(self.limits.tokens_per_iter * s.iteration, dtype=torch.long),
@@ -78,7 +80,8 @@ class SimulatedDevice:
         out = []
         for j in jobs:  # quality checks are part of the iteration's cost
             h = self.halts_at.get(id(j))
-            met = h is not None and j.state.iteration >= h
+            state = j.state if isinstance(j, TokenizeJob) else None
+            met = h is not None and state is not None and state.iteration >= h
             out.append((0.0, 99.0) if met else (1.0, 0.0))
         return out
 
@@ -88,6 +91,10 @@ def sim_target(req: Request, limits: ModelLimits) -> Target:
     if req.target.tokens is not None:
         return req.target
     return Target(max_l1=0.5, max_tokens=req.target.iteration_cap(limits) * limits.tokens_per_iter)
+
+
+def _latency(latencies: list[float], clock: VirtualClock, arrived: float, _future) -> None:
+    latencies.append(clock.now - arrived)
 
 
 def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limits: ModelLimits,
@@ -106,8 +113,9 @@ def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limit
         while pending and pending[0][0] <= until:
             at, i = pending.popleft()
             job = TokenizeJob(image=torch.zeros(0), target=sim_target(reqs[i], limits))
-            device.halts_at[id(job)] = reqs[i].halts_at if reqs[i].target_met and reqs[i].target.tokens is None else None
-            job.future.add_done_callback(lambda f, at=at: latencies.append(clock.now - at))
+            quality_met = reqs[i].target_met and reqs[i].target.tokens is None
+            device.halts_at[id(job)] = reqs[i].halts_at if quality_met else None
+            job.future.add_done_callback(functools.partial(_latency, latencies, clock, at))
             job.future.add_done_callback(lambda f: iterations.append(f.result().iterations))
             queue.append((at, job))
 
@@ -154,7 +162,8 @@ def compare(reqs: list[Request], limits: ModelLimits, saturation: int, n_poisson
                  "costs_ms": {"prepare": costs.prepare_s * 1e3, "iteration": costs.iteration_s * 1e3}}
     for name in strategies:
         n = len(reqs) if name != "reference" else min(len(reqs), 200)
-        out[name] = {"saturation_throughput": simulate(name, reqs[:n], [0.0] * n, limits, costs, saturation)["throughput"]}
+        sat = simulate(name, reqs[:n], [0.0] * n, limits, costs, saturation)
+        out[name] = {"saturation_throughput": sat["throughput"]}
     rate = load * out["lockstep"]["saturation_throughput"]
     arrivals = poisson(rate, n_poisson, seed=3)
     work = [reqs[i % len(reqs)] for i in range(n_poisson)]

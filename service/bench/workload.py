@@ -15,7 +15,8 @@ from PIL import Image
 from ..engine import ModelLimits, Target
 from ..engine.records import IterationRecord
 from ..imaging import preprocess
-from ..model.alit import ALIT, quality
+from ..model.alit import ALIT
+from ..model.measure import iterate_and_measure
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -57,22 +58,15 @@ def corpus(photos: list[tuple[str, Image.Image]], n_crops: int = 24, seed: int =
     return out
 
 
-def measure_iterations(model: ALIT, images: torch.Tensor, halting: bool, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def measure_iterations(model: ALIT, images: torch.Tensor, halting: bool,
+                       batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Every iteration of every image, measured: (L1, PSNR), each (max_iters, n)."""
     l1s, psnrs = [], []
     with torch.inference_mode():
         for i in range(0, images.shape[0], batch):
-            part = images[i : i + batch].to(model.device)
-            states = model.prepare(part)
-            a, b = [], []
-            for _ in range(model.cfg.max_iters):
-                outs = model.advance(states, halting=halting)
-                logits = torch.stack([o.logits for o in outs]) if halting else model.decode_logits([o.token_ids for o in outs])
-                l1, psnr = quality(model.reconstruct(logits), part)
-                a.append(l1.cpu().numpy())
-                b.append(psnr.cpu().numpy())
-            l1s.append(np.stack(a))
-            psnrs.append(np.stack(b))
+            rows = list(iterate_and_measure(model, images[i : i + batch].to(model.device), halting=halting))
+            l1s.append(np.stack([r.l1.cpu().numpy() for r in rows]))
+            psnrs.append(np.stack([r.psnr.cpu().numpy() for r in rows]))
     return np.concatenate(l1s, axis=1), np.concatenate(psnrs, axis=1)
 
 

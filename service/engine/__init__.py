@@ -1,9 +1,9 @@
 """Turns many requests into few model steps: targets, scheduling, workers. No HTTP in here."""
 
 from .errors import DeadlineExceeded, EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
-from .observer import EngineObserver
 from .interface import EngineInterface
 from .jobs import Job, ReconstructJob, TokenizeJob
+from .observer import EngineObserver
 from .records import IterationRecord, Selection, TokenizeResult
 from .targets import ModelLimits, Target, TargetError, check_token_ids, parse_target
 from .workers import Engine, EngineSettings

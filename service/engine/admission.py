@@ -1,10 +1,10 @@
 """Admission by measured cost: how many images in flight still buy throughput on this device.
 
-At warm-up a worker times one steady-state step at several numbers n of images in flight: the
-VQGAN encode of the images admitted in a step (n / (max_iters / 2) of them: an image stays about
-half the iterations), one packed iteration with halting for all n, and their pixel decode. On a GPU the step costs about the same for 1 or 32 images, so
-per-image cost falls all the way and every slot is worth filling; on a CPU it is nearly linear, so
-past a point more images in flight only stretch everyone's latency for no throughput. The limit is
+At warm-up a worker times steady-state steps of a real scheduler at several numbers n of images in
+flight (admissions, one packed iteration, quality checks and the scheduler's own work included).
+Where a step costs about the same for 1 or 32 images, per-image cost falls all the way and every
+slot is worth filling; where it grows linearly (a CPU, a compute-bound GPU), past a point more
+images in flight only stretch everyone's latency for no throughput. The limit is
 the smallest count whose per-image cost is within `TOLERANCE` of the best measured: no per-machine
 constant to tune, the curve decides.
 """
@@ -15,6 +15,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from .jobs import Job, TokenizeJob
+from .observer import EngineObserver
+from .policies import Continuous
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .targets import ModelLimits, Target
 
 TOLERANCE = 0.10  # per-image cost within 10 % of the best measured counts as "as cheap"
 
@@ -48,36 +55,39 @@ def sizes_up_to(max_batch: int) -> list[int]:
     return [*out, max_batch]
 
 
-def measure_cost_curve(model, device: str, max_batch: int, halting: bool, repeats: int = 3,
-                       iteration: int | None = None) -> CostCurve:
-    """Time one steady-state step — the encode of the step's admissions, a packed iteration (with
-    halting when on) and the pixel decode of its images — at 1, 2, 4, ... max_batch images, all at
-    `iteration` (default: the middle one); the best of `repeats` runs per size. States are restored
-    after every run, so nothing is changed."""
-    cfg = model.cfg
-    k = cfg.max_iters // 2 if iteration is None else iteration
+def measure_cost_curve(runner: ModelRunner, limits: ModelLimits, max_batch: int, halting: bool,
+                       repeats: int = 3) -> CostCurve:
+    """Time steady-state steps of a real scheduler on `runner` at 1, 2, 4, ... max_batch images in
+    flight: every step admits k = n / (max_iters / 2) new images (an image stays about half the
+    iterations) while the k oldest leave, so a step holds what a busy step holds — the encode of its
+    admissions, one packed iteration for all n, their quality checks, and the scheduler's own work.
+    The best of `repeats` steps per size; nothing is kept (a scheduler and images of its own)."""
+    cfg = runner.model.cfg
+    sched = Scheduler(runner, Continuous(max_batch=max_batch), EngineObserver(), limits, halting=halting)
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(max_batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
+    images = torch.rand(2 * max_batch, 3, cfg.img_size, cfg.img_size, generator=g)
+    never = Target(max_l1=1e-9)  # quality measured at every iteration, never met
+    counter = iter(range(1 << 30))
+
+    def new_jobs(k: int) -> list[Job]:
+        return [TokenizeJob(image=images[next(counter) % len(images)], target=never) for _ in range(k)]
+
     curve = CostCurve()
-    with torch.inference_mode():
-        states = model.prepare(images)
-        for _ in range(k):
-            model.advance(states, halting=halting)
-        saved = [(s.x, s.iteration) for s in states]
-        for n in sizes_up_to(max_batch):
-            best = float("inf")
-            for _ in range(repeats):
-                for s, (x, it) in zip(states, saved):
-                    s.x, s.iteration = x, it
-                t = time.perf_counter()
-                model.prepare(images[: max(1, round(n / max(1, cfg.max_iters / 2)))])
-                outs = model.advance(states[:n], halting=halting)
-                logits = torch.stack([o.logits for o in outs]) if halting else model.decode_logits([o.token_ids for o in outs])
-                model.reconstruct(logits)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize(device)
+    for n in sizes_up_to(max_batch):
+        k = max(1, round(n / max(1.0, limits.max_iters / 2)))
+        sched.step(new_jobs(n))
+        best = float("inf")
+        for r in range(repeats + 1):  # the first step warms this size's shapes
+            for j in sched.active[:k]:
+                j.future.cancel()
+            t = time.perf_counter()
+            sched.step(new_jobs(k))
+            if runner.device.startswith("cuda"):
+                torch.cuda.synchronize(runner.device)
+            if r:
                 best = min(best, time.perf_counter() - t)
-            curve.step_seconds[n] = best
-        for s, (x, it) in zip(states, saved):
-            s.x, s.iteration = x, it
+        curve.step_seconds[n] = best
+        for j in sched.active:
+            j.future.cancel()
+        sched.step([])
     return curve

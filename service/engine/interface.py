@@ -4,7 +4,8 @@ implementations: the in-process `Engine` (workers.py) and the Triton front `Trit
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch

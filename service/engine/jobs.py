@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -60,7 +61,13 @@ class TokenizeJob(Job):
     pixel_decodes: int = 0
     compute_started: float | None = None
 
+    @property
+    def running(self) -> ImageState:
+        """Its state while admitted and not retired (the scheduler's invariant)."""
+        assert self.state is not None, "a job that is not running has no state"
+        return self.state
+
 
 @dataclass(eq=False)
 class ReconstructJob(Job):
-    token_ids: torch.Tensor | None = None  # (n,) int64
+    token_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (n,) int64

@@ -28,7 +28,7 @@ import torch
 from ..model.checkpoint import LoadedModel
 from .errors import DeadlineExceeded, EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .observer import EngineObserver
-from .records import IterationRecord, TokenizeResult
+from .records import IterationRecord, Selection, TokenizeResult
 from .targets import ModelLimits, Target, check_token_ids
 from .workers import Engine, EngineSettings
 
@@ -58,7 +58,7 @@ class TritonEngine:
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
 
     # ----- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> "TritonEngine":
+    def start(self) -> TritonEngine:
         self.local.start()
         self._poll_once()
         self._poller = threading.Thread(target=self._poll, name="triton-ready", daemon=True)
@@ -74,7 +74,8 @@ class TritonEngine:
             with InferenceServerClient(self.url) as c:
                 up = bool(c.is_model_ready(self.model_name))
                 if not up:
-                    self._ready, self._problem = False, f"model {self.model_name!r} is not ready on Triton at {self.url}"
+                    self._ready = False
+                    self._problem = f"model {self.model_name!r} is not ready on Triton at {self.url}"
                 elif not self._ready:
                     self._check_model(c)
         except EngineUnavailable as e:
@@ -180,6 +181,22 @@ class TritonEngine:
                               None if np.isnan(l1) else l1, None if np.isnan(psnr) else psnr)
         return rec, bool(out["IS_FINAL"][0, 0]), bool(out["TARGET_MET"][0, 0])
 
+    def _answer(self, target: Target, records: list[IterationRecord], final: IterationRecord,
+                met: bool) -> Selection:
+        """The answer for `target`: with per-iteration responses, the halting rule (`Target.select`)
+        over them, which must agree with Triton's final response; without them, the final response
+        itself (its tokens are those of iteration tokens / tokens_per_iter; ITERATIONS = iterations run)."""
+        if not records:
+            n = final.token_ids.shape[0] // self.limits.tokens_per_iter
+            return Selection(IterationRecord(n, final.token_ids, final.l1, final.psnr), final.iteration, met)
+        answer = target.select({r.iteration: r for r in records}, self.limits)
+        if (answer is None or answer.iterations != final.iteration or answer.target_met != met
+                or not np.array_equal(answer.record.token_ids, final.token_ids)):
+            self.observer.rejected("step_failed")
+            raise StepFailed(f"Triton's answer (iteration {final.iteration}, target met {met}) disagrees with the "
+                             f"halting rule over its own iterations ({answer}); are both sides the same version?")
+        return answer
+
     async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None = None,
                        trajectory: bool = False, progress=None, tag: str | None = None) -> TokenizeResult:
         if not self.accepting:
@@ -231,12 +248,12 @@ class TritonEngine:
         if final is None:
             self.observer.rejected("step_failed")
             raise StepFailed("Triton closed the stream without a result")
-        rec, met = final  # the returned iteration's tokens and quality; ITERATIONS = iterations run
+        answer = self._answer(target, records, *final)
         total = time.monotonic() - started
         self._latency = 0.9 * self._latency + 0.1 * total
-        selected = rec.token_ids.shape[0] // self.limits.tokens_per_iter
-        self.observer.retired(target.kind, selected, rec.token_ids.shape[0], met)
-        return TokenizeResult(token_ids=rec.token_ids, iterations=rec.iteration, selected_iteration=selected,
+        rec, met = answer.record, answer.target_met
+        self.observer.retired(target.kind, rec.iteration, rec.token_ids.shape[0], met)
+        return TokenizeResult(token_ids=rec.token_ids, iterations=answer.iterations, selected_iteration=rec.iteration,
                               l1=rec.l1, psnr=rec.psnr, target_met=met, pixel_decodes=0,
                               timings={"queue_s": 0.0, "compute_s": total, "total_s": total},
                               trajectory=records if trajectory else None)

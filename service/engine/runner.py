@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from typing import Callable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar, cast
 
 import torch
 
@@ -102,13 +103,15 @@ class ModelRunner:
     def advance(self, jobs: list[TokenizeJob], halting: bool) -> list:
         """One recurrent iteration for every job, whatever its iteration: a StepOutput per job.
         With halting, the step's decode gives each output its logits too."""
-        its = [j.state.iteration + 1 for j in jobs]
-        weights = [j.state.x.shape[0] for j in jobs]
+        its = [j.running.iteration + 1 for j in jobs]
+        cfg = self.model.cfg
+        weights = [cfg.num_image_tokens + 1 + cfg.tokens_per_iter * n for n in its]  # each one's sequence length
 
         def timer(stage: str) -> contextlib.AbstractContextManager:
             return self._timed(stage, its, weights)
 
-        return self.call(lambda js: self.model.advance([j.state for j in js], halting=halting, stage_timer=timer), jobs)
+        return self.call(lambda js: self.model.advance([j.running for j in js], halting=halting, stage_timer=timer),
+                         jobs)
 
     def decode_logits(self, jobs: list[Job], token_ids: list[torch.Tensor], iterations: list[int]) -> list:
         """Token ids -> logits (G, V) per job (quality checks without halting, /reconstruct)."""
@@ -126,7 +129,7 @@ class ModelRunner:
             tok = [i for i, j in enumerate(js) if isinstance(j, TokenizeJob)]
             out: list = [None] * len(js)
             if tok:
-                l1, psnr = quality(rec[tok], torch.stack([js[i].state.image for i in tok]))
+                l1, psnr = quality(rec[tok], torch.stack([cast(TokenizeJob, js[i]).running.image for i in tok]))
                 for i, a, b in zip(tok, l1.tolist(), psnr.tolist()):
                     out[i] = (a, b)
             for i, j in enumerate(js):

@@ -124,14 +124,15 @@ class Scheduler:
             self.active.append(j)
 
     def _iterate(self, jobs: list[TokenizeJob], reconstruct: list[ReconstructJob]) -> None:
-        stepped: list[tuple[TokenizeJob, StepOutput]] = self._ok(jobs, self.runner.advance(jobs, self.halting)) if jobs else []
+        stepped: list[tuple[TokenizeJob, StepOutput]] = (
+            self._ok(jobs, self.runner.advance(jobs, self.halting)) if jobs else [])
         outs = {id(j): o for j, o in stepped}
         need = [j for j, _ in stepped if self.policy.measure_every_iteration or j.target.needs_quality]
         # logits for the pixel decode: the halting step decoded them already; else one decoder call
-        undecoded: list[Job] = [j for j in need if outs[id(j)].logits is None]
-        ids = [outs[id(j)].token_ids for j in undecoded]
-        its = [j.state.iteration for j in undecoded]
-        undecoded += reconstruct
+        undecoded_tok = [j for j in need if outs[id(j)].logits is None]
+        ids = [outs[id(j)].token_ids for j in undecoded_tok]
+        its = [j.running.iteration for j in undecoded_tok]
+        undecoded: list[Job] = [*undecoded_tok, *reconstruct]
         ids += [j.token_ids for j in reconstruct]
         its += [0] * len(reconstruct)
         logits: dict[int, torch.Tensor] = {id(j): o.logits for j, o in stepped if o.logits is not None}
@@ -141,7 +142,7 @@ class Scheduler:
         to_decode: list[Job] = [j for j in [*need, *reconstruct] if id(j) in logits and not j.future.done()]
         measured: dict[int, tuple[float, float]] = {}
         if to_decode:
-            its = [j.state.iteration if isinstance(j, TokenizeJob) else 0 for j in to_decode]
+            its = [j.running.iteration if isinstance(j, TokenizeJob) else 0 for j in to_decode]
             for j, r in self._ok(to_decode, self.runner.pixels(to_decode, [logits[id(j)] for j in to_decode], its)):
                 if isinstance(j, ReconstructJob):
                     j.resolve(r)
@@ -166,7 +167,7 @@ class Scheduler:
 
     def _record(self, j: TokenizeJob, token_ids, l1: float | None, psnr: float | None) -> bool:
         """Store this iteration's outcome; True when the image is done."""
-        n = j.state.iteration
+        n = j.running.iteration
         rec = IterationRecord(n, token_ids, l1, psnr)
         j.records[n] = rec
         if j.progress is not None:
@@ -181,7 +182,7 @@ class Scheduler:
         now = time.monotonic()
         result = TokenizeResult(
             token_ids=chosen.record.token_ids,
-            iterations=j.state.iteration,
+            iterations=j.running.iteration,
             selected_iteration=chosen.record.iteration,
             l1=chosen.record.l1,
             psnr=chosen.record.psnr,

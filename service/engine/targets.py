@@ -12,8 +12,9 @@ reference `encode()` does (lowest L1; highest PSNR for a PSNR-only target).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .records import IterationRecord, Selection
 
@@ -125,7 +126,7 @@ def _budget(field: str, v: Any, limits: ModelLimits) -> int:
     return v
 
 
-def parse_target(spec: dict[str, Any] | None, limits: ModelLimits, default: "Target") -> Target:
+def parse_target(spec: dict[str, Any] | None, limits: ModelLimits, default: Target) -> Target:
     """Validate a client's target. Empty or None -> `default` (with any `max_tokens` applied)."""
     spec = {k: v for k, v in (spec or {}).items() if v is not None}
     unknown = sorted(set(spec) - set(FIELDS))
@@ -166,5 +167,6 @@ def check_token_ids(ids: Any, codebook_size: int, limits: ModelLimits):
     if n == 0 or n % t or n > limits.max_tokens:
         raise TargetError("token_ids", f"length must be a multiple of {t} between {t} and {limits.max_tokens}, got {n}")
     if arr.min() < 0 or arr.max() >= codebook_size:
-        raise TargetError("token_ids", f"ids must be in [0, {codebook_size - 1}], got values in [{arr.min()}, {arr.max()}]")
+        raise TargetError("token_ids",
+                          f"ids must be in [0, {codebook_size - 1}], got values in [{arr.min()}, {arr.max()}]")
     return torch.as_tensor(arr, dtype=torch.long)

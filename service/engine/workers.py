@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from .errors import EngineStopped, QueueFull
-from .observer import EngineObserver
 from .admission import CostCurve, measure_cost_curve
+from .errors import EngineStopped, QueueFull
 from .jobs import Job, ReconstructJob, TokenizeJob
+from .observer import EngineObserver
 from .policies import make_policy
 from .records import IterationRecord, TokenizeResult
 from .runner import ModelRunner
@@ -63,7 +63,7 @@ class EngineSettings:
     dtype: str = "float32"
     lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill
     warmup: bool = True
-    admission: str = "measured"  # measured: in flight up to the cost curve's knee (at warm-up) | max_batch
+    admission: str = "max_batch"  # max_batch | measured: in flight up to the cost curve's knee (at warm-up)
 
 
 class WorkQueue:
@@ -104,7 +104,7 @@ class WorkQueue:
 
 
 class Worker(threading.Thread):
-    def __init__(self, engine: "Engine", device: str, model):
+    def __init__(self, engine: Engine, device: str, model):
         super().__init__(name=f"alit-worker-{device}", daemon=True)
         self.engine = engine
         self.device = device
@@ -137,7 +137,7 @@ class Worker(threading.Thread):
         job.future.result(timeout=0)
         if self.engine.settings.admission == "measured":
             st = self.engine.settings
-            self.cost_curve = measure_cost_curve(self.runner.model, self.device, st.max_batch, st.halting)
+            self.cost_curve = measure_cost_curve(self.runner, self.engine.limits, st.max_batch, st.halting)
             self.scheduler.policy.calibrate(self.cost_curve.knee())
             log.info("%s: step cost curve %s -> at most %d images in flight", self.device,
                      {n: round(s * 1000, 1) for n, s in self.cost_curve.step_seconds.items()}, self.cost_curve.knee())
@@ -186,7 +186,7 @@ class Engine:
         self._iters = float(cfg.max_iters)  # EWMA of iterations per image
 
     # ----- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         for dev in resolve_devices(self.settings.devices):
             model = self.loaded.model if dev == "cpu" and len(self.workers) == 0 else copy.deepcopy(self.loaded.model)
             w = Worker(self, dev, model.to(dev).eval())
@@ -240,7 +240,8 @@ class Engine:
             elif not w.warm:
                 issues.append(f"worker {w.device} warming up")
             elif not w.healthy:
-                issues.append(f"worker {w.device} failing ({w.consecutive_failures} steps in a row; last error: {w.last_error})")
+                issues.append(f"worker {w.device} failing ({w.consecutive_failures} steps in a row; "
+                              f"last error: {w.last_error})")
         if not issues and not self.accepting:
             issues.append("draining: no new work accepted")
         return "; ".join(issues)
@@ -284,7 +285,8 @@ class Engine:
         `progress(record)` is called on the event loop after every iteration."""
         size = self.loaded.config.img_size
         if tuple(image.shape) != (3, size, size) or not image.is_floating_point():
-            raise ValueError(f"expected a float image of shape (3, {size}, {size}), got {tuple(image.shape)} {image.dtype}")
+            raise ValueError(f"expected a float image of shape (3, {size}, {size}), "
+                             f"got {tuple(image.shape)} {image.dtype}")
         loop = asyncio.get_running_loop()
         cb = None
         if progress is not None:
@@ -297,7 +299,8 @@ class Engine:
         self._iters = 0.95 * self._iters + 0.05 * result.iterations
         return result
 
-    async def reconstruct(self, token_ids: list[np.ndarray] | list[list[int]], deadline: float | None = None) -> list[torch.Tensor]:
+    async def reconstruct(self, token_ids: list[np.ndarray] | list[list[int]],
+                          deadline: float | None = None) -> list[torch.Tensor]:
         """Token sequences -> images (3, H, W) in [0, 1], one job per sequence, batched by the workers."""
         seqs = [check_token_ids(ids, self.loaded.config.vq_codebook_size, self.limits) for ids in token_ids]
         futs = self._submit([ReconstructJob(deadline=deadline, token_ids=t) for t in seqs])

@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
@@ -126,7 +128,10 @@ def pack(seqs: list[Seq]) -> tuple[torch.Tensor, list[tuple[int, int, int]], lis
             groups.append((start, 1, n))
         rows[i] = slice(start, start + n)
         start += n
-    pieces = [p for i in order for p in ((seqs[i],) if isinstance(seqs[i], torch.Tensor) else seqs[i])]
+    pieces: list[torch.Tensor] = []
+    for i in order:
+        s = seqs[i]
+        pieces += [s] if isinstance(s, torch.Tensor) else list(s)
     packed = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return packed, groups, rows
 
@@ -148,14 +153,14 @@ def run_blocks(blocks: nn.ModuleList, seqs: list[Seq], mode: BatchMode) -> list[
     if mode == "packed":
         x, groups, rows = pack(seqs)
         for blk in blocks:
-            x = blk.forward_packed(x, groups)
+            x = cast(Block, blk).forward_packed(x, groups)
         return [x[r] for r in rows]
-    seqs = [s if isinstance(s, torch.Tensor) else torch.cat(s) for s in seqs]
-    lengths = [s.shape[0] for s in seqs]
-    out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+    full = [s if isinstance(s, torch.Tensor) else torch.cat(s) for s in seqs]
+    lengths = [s.shape[0] for s in full]
+    out: list[torch.Tensor] = [None] * len(full)  # type: ignore[list-item]
     if mode == "padded" and len(set(lengths)) > 1:
         lmax = max(lengths)
-        x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        x = torch.nn.utils.rnn.pad_sequence(full, batch_first=True)
         key_mask = torch.arange(lmax, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]
         y = run(x, key_mask)
         return [y[i, :n] for i, n in enumerate(lengths)]
@@ -163,7 +168,7 @@ def run_blocks(blocks: nn.ModuleList, seqs: list[Seq], mode: BatchMode) -> list[
     for i, n in enumerate(lengths):
         by_len.setdefault(n, []).append(i)
     for idx in by_len.values():
-        y = run(torch.stack([seqs[i] for i in idx]))
+        y = run(torch.stack([full[i] for i in idx]))
         for j, i in enumerate(idx):
             out[i] = y[j]
     return out
@@ -313,7 +318,7 @@ class ALIT(nn.Module):
 
     @property
     def vqgan(self) -> VQGAN:
-        return self.base_tokenizer.vqgan
+        return cast(VQGAN, self.base_tokenizer.vqgan)
 
     @property
     def device(self) -> torch.device:
@@ -334,7 +339,8 @@ class ALIT(nn.Module):
         """VQGAN-encode a batch (B, 3, H, W) in [0, 1] and build each image's initial sequence."""
         cfg = self.cfg
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, cfg.img_size, cfg.img_size):
-            raise ValueError(f"expected images of shape (B, 3, {cfg.img_size}, {cfg.img_size}), got {tuple(images.shape)}")
+            raise ValueError(f"expected images of shape (B, 3, {cfg.img_size}, {cfg.img_size}), "
+                             f"got {tuple(images.shape)}")
         images = images.to(self.device)
         z, gt = self.vqgan.encode(images)
         tokens = self.image_tokens(images, z)
@@ -357,7 +363,7 @@ class ALIT(nn.Module):
         threshold: float | None = None,
         draws: list[torch.Tensor] | None = None,
         trace: bool = False,
-        stage_timer: Callable[[str], ContextManager] | None = None,
+        stage_timer: Callable[[str], AbstractContextManager] | None = None,
     ) -> list[StepOutput]:
         """Run one iteration for each of `states` (any mix of iterations), updating them in place.
 
@@ -373,7 +379,7 @@ class ALIT(nn.Module):
         g1 = cfg.num_image_tokens + 1
         timer = stage_timer or (lambda name: contextlib.nullcontext())
         with timer("encoder"):
-            hs = run_blocks(self.encoder.transformer, [s.x for s in states], self.batch_mode)
+            hs = run_blocks(self.encoder.transformer, [cast(torch.Tensor, s.x) for s in states], self.batch_mode)
             raw = torch.cat([h[g1:] for h in hs])  # every image's latents, back to back
             prequant = self.pre_quantizer_mlp(self.encoder_ln_post(raw))
             counts = [h.shape[0] - g1 for h in hs]
@@ -398,7 +404,7 @@ class ALIT(nn.Module):
             img = torch.where(drop[:, :, None], mask_tok.to(img.dtype), img)  # (B, G, W)
             for i, o in enumerate(outs):
                 o.logits, o.pred_gt_prob, o.drop_mask = logits[i], probs[i], drop[i]
-            parts = [(h[:1], img[i], h[g1:]) for i, h in enumerate(hs)]
+            parts: list[tuple[torch.Tensor, ...]] = [(h[:1], img[i], h[g1:]) for i, h in enumerate(hs)]
         else:
             parts = [(h,) for h in hs]
         # compute every next sequence before touching any state: a failure leaves all unchanged
@@ -409,7 +415,8 @@ class ALIT(nn.Module):
             s.x = x
         return outs
 
-    def _next_inputs(self, states: list[ImageState], parts: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor | None]:
+    def _next_inputs(self, states: list[ImageState],
+                     parts: Sequence[tuple[torch.Tensor, ...]]) -> list[torch.Tensor | None]:
         """ln_recursive([h ++ fresh latents]) for every image that has an iteration left: one copy,
         one LayerNorm over all of them (per token, so each image's result is its own)."""
         keep = [i for i, s in enumerate(states) if s.iteration + 1 < self.cfg.max_iters]

@@ -78,9 +78,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            detail = next((l.strip().split(". Please")[0] for l in str(e).splitlines() if "Unsupported global" in l), None)
+            detail = next((line.strip().split(". Please")[0] for line in str(e).splitlines()
+                           if "Unsupported global" in line), None)
             if detail is None:
-                raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from e
+                first = str(e).splitlines()[0][:200]
+                raise CheckpointError(f"cannot read {path}: not a PyTorch checkpoint ({first})") from e
             raise CheckpointError(
                 f"refusing to load {path}: besides tensors it holds pickled objects that would run code "
                 f"when unpickled ({detail}). Only plain weights are loaded; re-save the state dict alone "
@@ -249,18 +251,30 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def convert(src: str | Path, out_dir: str | Path, heads: int | None = None) -> LoadedModel:
-    """Write `model.safetensors`, `config.json` and `MODEL_CARD.md` for a checkpoint."""
+def export(model: ALIT, out_dir: str | Path, card: str | None = None) -> str:
+    """Write a model as a servable folder: `model.safetensors` (its fingerprint in the metadata),
+    our `config.json` and, when given, `MODEL_CARD.md`. Returns the fingerprint. `convert` and
+    training's export both write through here; `load_model(out_dir)` reads it back."""
     from safetensors.torch import save_file
 
-    loaded = load_model(src, heads=heads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in loaded.model.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"fingerprint": loaded.fingerprint})
-    (out / "config.json").write_text(json.dumps(loaded.config.to_dict(), indent=2) + "\n")
+    fp = fingerprint(model, model.cfg)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # no shared storage
+    save_file(tensors, str(out / "model.safetensors"), metadata={"fingerprint": fp})
+    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    if card is not None:
+        (out / "MODEL_CARD.md").write_text(card)
+    return fp
+
+
+def convert(src: str | Path, out_dir: str | Path, heads: int | None = None) -> LoadedModel:
+    """Write `model.safetensors`, `config.json` and `MODEL_CARD.md` for a checkpoint."""
+    loaded = load_model(src, heads=heads)
+    out = Path(out_dir)
+    export(loaded.model, out)
     c = loaded.config
-    n_params = sum(t.numel() for t in tensors.values())
+    n_params = sum(t.numel() for t in loaded.model.state_dict().values())
     (out / "MODEL_CARD.md").write_text(
         f"# ALIT model\n\n"
         f"| field | value |\n|---|---|\n"

@@ -91,7 +91,7 @@ class ALITConfig:
     def max_tokens(self) -> int:
         return self.tokens_per_iter * self.max_iters
 
-    def validate(self) -> "ALITConfig":
+    def validate(self) -> ALITConfig:
         self.vqgan.validate()
         if self.img_size % self.patch_size:
             raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
@@ -127,7 +127,7 @@ class ALITConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ALITConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ALITConfig:
         d = dict(d)
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
@@ -142,13 +142,14 @@ class ALITConfig:
         return cls(**d, vqgan=VQGANConfig(**vq)).validate()
 
     @classmethod
-    def from_reference_json(cls, d: dict[str, Any]) -> "ALITConfig":
+    def from_reference_json(cls, d: dict[str, Any]) -> ALITConfig:
         """Read a reference-style description: `alit_constructor_kwargs` plus a `vqgan` block."""
         if "alit_constructor_kwargs" not in d:
             return cls.from_dict(d)
         k = d["alit_constructor_kwargs"]
         if not k.get("quantize_latent", True):
-            raise ConfigError("continuous-latent ALIT checkpoints are not supported: a tokenizer needs quantize_latent=True")
+            raise ConfigError("continuous-latent ALIT checkpoints are not supported: "
+                              "a tokenizer needs quantize_latent=True")
         v = d["vqgan"]
         dd = v["ddconfig"]
         gn = v.get("group_norm", {})

@@ -55,6 +55,11 @@ class _Level(nn.Module):
         if upsample is not None:
             self.upsample = upsample
 
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            h = block(h)
+        return self.upsample(h) if hasattr(self, "upsample") else h
+
 
 class _Mid(nn.Module):
     def __init__(self, cfg: VQGANConfig, channels: int):
@@ -86,8 +91,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         last = len(self.down) - 1
         for i, level in enumerate(self.down):
-            for block in level.block:
-                h = block(h)
+            h = level(h)
             if i != last:
                 h = F.avg_pool2d(h, kernel_size=2, stride=2)
         h = self.mid(h)
@@ -114,10 +118,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -117,7 +117,8 @@ def model_card(loaded, recipe, metrics: dict, command: str, out: Path) -> str:
         "",
         "Curves, what was tried and what it would take: `docs/training.md`.",
         "",
-        "Re-measure with `python -m service.training evaluate tests/fixtures/alit-reference/images --model weights --checks`.",
+        "Re-measure with `python -m service.training evaluate tests/fixtures/alit-reference/images "
+        "--model weights --checks`.",
         "",
     ]
     return "\n".join(lines)

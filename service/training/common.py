@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,10 +19,8 @@ def setup_threads(threads: int | None) -> None:
     if threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         torch.set_num_threads(threads)
-        try:
+        with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass
 
 
 def seed_all(seed: int) -> torch.Generator:
@@ -58,7 +57,8 @@ def load_state(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def resume(path: Path, module: torch.nn.Module, opt: torch.optim.Optimizer, key: str = "model") -> tuple[int, dict | None]:
+def resume(path: Path, module: torch.nn.Module, opt: torch.optim.Optimizer,
+           key: str = "model") -> tuple[int, dict | None]:
     """Restore a stage checkpoint into `module` (its weights under `key`) and `opt`, when there is one:
     (the step to start from, the saved state or None)."""
     state = load_state(path)
@@ -67,15 +67,6 @@ def resume(path: Path, module: torch.nn.Module, opt: torch.optim.Optimizer, key:
     module.load_state_dict(state[key])
     opt.load_state_dict(state["opt"])
     return int(state["step"]), state
-
-
-def rng_state(gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state()}
-
-
-def restore_rng(state: dict, gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
 
 
 class Log:

@@ -6,8 +6,8 @@ to the model size with PIL bicubic. Everything is drawn from one seeded numpy ge
 gives the same pool on every machine.
 
 Held-out evaluation: the 7 photos of `tests/fixtures/alit-reference/images/` (never trained on),
-preprocessed like the reference (shorter side to the model size, bicubic, centre crop, [0, 1]),
-and deterministic crops of them chosen to span flat regions to dense texture (PNG size).
+preprocessed by the service's own `service.imaging` (shorter side to the model size, bicubic,
+centre crop, [0, 1]), and deterministic crops of them chosen to span flat regions to dense texture (PNG size).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from ..imaging import fit_to_model
 
 ROOT = Path(__file__).resolve().parents[2]
 HELDOUT_DIR = ROOT / "tests" / "fixtures" / "alit-reference" / "images"
@@ -70,7 +72,7 @@ def load_sources() -> list[tuple[str, np.ndarray, bool]]:
     """(name, HxWx3 uint8, was_grey) for every training source."""
     out = []
     for pkg, name, _ in SOURCES:
-        im = Image.open(source_path(pkg, name))
+        im: Image.Image = Image.open(source_path(pkg, name))
         grey = im.mode in ("L", "LA", "I", "I;16", "1")
         if im.mode in ("RGBA", "LA"):
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -80,7 +82,8 @@ def load_sources() -> list[tuple[str, np.ndarray, bool]]:
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
+    """A square crop to size x size (bicubic): the service's preprocessing of a square image."""
+    return preprocess(Image.fromarray(arr), size)
 
 
 def make_pool(n: int, size: int, seed: int, synthetic: float = 0.04) -> np.ndarray:
@@ -110,7 +113,7 @@ def make_pool(n: int, size: int, seed: int, synthetic: float = 0.04) -> np.ndarr
         smin = min(smax, max(size // 2, 24))
         s = int(round(np.exp(rng.uniform(np.log(smin), np.log(smax)))))
         y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-        crop = _resize(np.ascontiguousarray(arr[y : y + s, x : x + s]), size).astype(np.float32)
+        crop: np.ndarray = _resize(np.ascontiguousarray(arr[y : y + s, x : x + s]), size).astype(np.float32)
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         if grey and rng.random() < 0.7:  # tint grey sources so they are not all neutral
@@ -145,14 +148,8 @@ def to_tensor(batch: np.ndarray) -> torch.Tensor:
 
 
 def preprocess(im: Image.Image, size: int) -> np.ndarray:
-    """Reference preprocessing: shorter side to `size` (bicubic), centre crop; HxWx3 uint8."""
-    im = im.convert("RGB")
-    w, h = im.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    im = im.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+    """The service's preprocessing (`service.imaging.fit_to_model`) as HxWx3 uint8."""
+    return np.asarray(fit_to_model(im, size))
 
 
 def image_files(folder: str | Path) -> list[Path]:

@@ -19,8 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..model.alit import ALIT, quality, reference_stop_iteration
+from ..model.alit import ALIT, reference_stop_iteration
+from ..model.measure import iterate_and_measure
 from .data import flat_and_noise, heldout_crops, load_folder, png_size, to_tensor
+
+
+def load_images(folder: str | Path, size: int) -> tuple[list[str], torch.Tensor]:
+    """Every image under `folder`, preprocessed as the service does: (names, (N, 3, size, size))."""
+    names, arr = load_folder(folder, size)
+    return names, to_tensor(arr)
 
 
 @torch.no_grad()
@@ -29,21 +36,11 @@ def per_iteration(model: ALIT, images: torch.Tensor, halting: bool = True, batch
     """-> (l1 (N, iters), psnr (N, iters), recons (N, iters, 3, H, W) or None)."""
     l1s, psnrs, recs = [], [], []
     for i in range(0, len(images), batch):
-        x = images[i : i + batch]
-        states = model.prepare(x)
-        l1_rows, psnr_rows, rec_rows = [], [], []
-        for _ in range(model.cfg.max_iters):
-            outs = model.advance(states, halting=halting)
-            rec = model.reconstruct(model.decode_logits([o.token_ids for o in outs]))
-            l1, psnr = quality(rec, x)
-            l1_rows.append(l1)
-            psnr_rows.append(psnr)
-            if keep_recons:
-                rec_rows.append(rec.clamp(0, 1))
-        l1s.append(torch.stack(l1_rows, 1))
-        psnrs.append(torch.stack(psnr_rows, 1))
+        rows = list(iterate_and_measure(model, images[i : i + batch], halting=halting))
+        l1s.append(torch.stack([r.l1 for r in rows], 1))
+        psnrs.append(torch.stack([r.psnr for r in rows], 1))
         if keep_recons:
-            recs.append(torch.stack(rec_rows, 1))
+            recs.append(torch.stack([r.recon.clamp(0, 1) for r in rows], 1))
     return torch.cat(l1s), torch.cat(psnrs), (torch.cat(recs) if keep_recons else None)
 
 
@@ -115,7 +112,7 @@ def grid_picture(originals: torch.Tensor, recons: torch.Tensor, path: Path, scal
             canvas[y : y + h, x : x + w] = arr
     im = Image.fromarray(canvas)
     if scale != 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
 
@@ -177,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="alit-serve evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", help="folder of images (searched recursively)")
     p.add_argument("--model", default="weights", help="weights directory / file / preset:NAME (default: weights)")
-    p.add_argument("--out", default=None, help="folder for metrics.json and grid.png (default: print only + ./evaluate-out)")
+    p.add_argument("--out", default=None,
+                   help="folder for metrics.json and grid.png (default: print only + ./evaluate-out)")
     p.add_argument("--picture", default=None, help="path of the PNG grid (default: OUT/grid.png)")
     p.add_argument("--no-halting", action="store_true", help="run without 2D-token halting")
     p.add_argument("--checks", action="store_true", help="also run the issue-9 checks on held-out crops of DIR")
@@ -193,11 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model.eval()
     try:
-        names, arr = load_folder(args.dir, model.cfg.img_size)
+        names, x = load_images(args.dir, model.cfg.img_size)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    x = to_tensor(arr)
     halting = not args.no_halting
     l1, psnr, recs = per_iteration(model, x, halting=halting, keep_recons=True)
     out = Path(args.out) if args.out else Path("evaluate-out")
@@ -232,9 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics["checks"] = c
         print(f"crops: {c['crops']} (PNG {c['png_bytes_min']}..{c['png_bytes_max']} bytes); mean L1 per iteration "
               + " ".join(f"{v:.4f}" for v in c["crop_mean_l1"]))
-        print(f"crops L1 last/first {c['crop_ratio_256_32']:.3f}, falls every iteration: {c['crop_l1_falls_every_iteration']}")
+        print(f"crops L1 last/first {c['crop_ratio_256_32']:.3f}, "
+              f"falls every iteration: {c['crop_l1_falls_every_iteration']}")
         print(f"threshold {c['threshold']:.4f}: {c['distinct_halting_iterations']} distinct halting iterations, "
-              f"rho(halting, PNG) = {c['rho_halting_vs_png']:.3f}; VQGAN ceiling rho(L1, PNG) = {c['rho_vqgan_l1_vs_png']:.3f}")
+              f"rho(halting, PNG) = {c['rho_halting_vs_png']:.3f}; "
+              f"VQGAN ceiling rho(L1, PNG) = {c['rho_vqgan_l1_vs_png']:.3f}")
         print(f"flat image halts at iteration {c['flat_halts_at']}, noise at {c['noise_halts_at']} "
               f"(noise ever meets the threshold: {c['noise_ever_meets_threshold']})")
     metrics["seconds"] = time.time() - t0

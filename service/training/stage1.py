@@ -10,6 +10,7 @@ Codes unused for 50 steps are re-seeded from current encoder outputs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ def train_vqgan(
                     z = vq.encoder(x).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
                     pick = torch.randint(len(z), (len(dead),), generator=gen)
                     vq.codebook.data[dead] = z[pick] + 0.01 * torch.randn(len(dead), cfg.embed_dim, generator=gen)
-            rec = {"step": step + 1, "dead_codes": int(len(dead))}
+            rec: dict[str, Any] = {"step": step + 1, "dead_codes": int(len(dead))}
             usage.zero_()
         else:
             rec = {"step": step + 1}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -227,7 +228,8 @@ def train_latents(
     log = Log(run_dir / f"{P.name}.log.jsonl", P.steps, P.name, start, quiet)
     n = len(pool)
     for step in range(start, P.steps):
-        gen = step_generator(seed, step, {"stage2": 2, "stage2b": 20, "stage2c": 21, "stage2d": 23, "stage2e": 24}.get(P.name, 22))
+        stream = {"stage2": 2, "stage2b": 20, "stage2c": 21, "stage2d": 23, "stage2e": 24}.get(P.name, 22)
+        gen = step_generator(seed, step, stream)
         phase_a = step < P.a_steps
         if phase_a:
             K = 1 if torch.rand((), generator=gen) < 0.7 else 2
@@ -251,7 +253,7 @@ def train_latents(
         half = max(1, batch // 2)
         tgt = cb[gt]
         ce_t = code_t = vq_t = pix_t = 0.0
-        loss = 0.0
+        loss = torch.zeros(())
         usage = []
         for k, o in enumerate(unroll(model, x, z, gt, K, quantize=quantize, halting=True, gen=gen)):
             ce = F.cross_entropy(o.logits.reshape(-1, o.logits.shape[-1]), gt.reshape(-1))
@@ -287,13 +289,16 @@ def train_latents(
                 with torch.no_grad():
                     zz = F.normalize(o.prequant.detach().reshape(-1, o.prequant.shape[-1]), dim=-1)
                     pick = torch.randint(len(zz), (len(dead),), generator=gen)
-                    model.quantize.embedding.weight[dead] = zz[pick] + 0.02 * torch.randn(len(dead), zz.shape[1], generator=gen)
-        rec = {"step": step + 1, "K": K, "loss": float(loss.detach()), "ce": ce_t, "code": code_t, "vq": vq_t,
+                    noise = torch.randn(len(dead), zz.shape[1], generator=gen)
+                    model.quantize.embedding.weight[dead] = zz[pick] + 0.02 * noise
+        row: dict[str, Any] = {"step": step + 1, "K": K, "loss": float(loss.detach()), "ce": ce_t, "code": code_t,
+                               "vq": vq_t,
                "pix": pix_t, "pix_k": pix_k, "gnorm": float(gn)}
         if eval_images is not None and ((step + 1) % P.eval_every == 0 or step + 1 == P.steps):
             curve = per_iteration_l1(model, eval_images, halting=True, quantize=not phase_a)
-            rec["heldout_l1"] = curve
-        log.step(step + 1, rec, f"K={K} loss={float(loss.detach()):.3f} ce={ce_t:.3f} code={code_t:.3f} pix={pix_t:.4f}")
+            row["heldout_l1"] = curve
+        log.step(step + 1, row,
+                 f"K={K} loss={float(loss.detach()):.3f} ce={ce_t:.3f} code={code_t:.3f} pix={pix_t:.4f}")
         if (step + 1) % P.ckpt_every == 0 or step + 1 == P.steps:
             save_state(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step + 1)
     model.eval()

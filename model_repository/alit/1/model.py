@@ -1,10 +1,16 @@
 """Triton Python backend for ALIT: a thin adapter over the project's model and engine.
 
+Settings are the service's own (`service.settings.Settings`: the `ALIT_*` variables and their
+defaults, so both sides load the same weights by default); a non-empty `config.pbtxt` parameter
+overrides the setting of the same name.
+
 Triton's Python stub ignores PYTHONPATH when it builds sys.path, so the environment's
 site-packages and the project root come from ALIT_PYTHONPATH (set by `alit-serve triton`; in a
 container, point it at the image's site-packages and the project).
 """
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -20,18 +26,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from service.engine import Engine, EngineSettings, EngineStopped, QueueFull, Target, TargetError, parse_target  # noqa: E402
-from service.engine.jobs import TokenizeJob  # noqa: E402
-from service.imaging import ImageError, decode_image, preprocess  # noqa: E402
+from service.engine import Engine, EngineError, Target, TargetError, parse_target  # noqa: E402
+from service.engine.jobs import Job, TokenizeJob  # noqa: E402
+from service.imaging import ImageError, load_for_model, preprocess  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
+from service.settings import engine_settings, settings_with  # noqa: E402
 
 TARGET_INPUTS = {"MAX_L1": "max_l1", "MIN_PSNR": "min_psnr", "TOKENS": "tokens", "MAX_TOKENS": "max_tokens"}
 CANCEL_POLL_S = 0.1  # how often a running image asks Triton whether its client cancelled
-
-
-def _setting(params: dict, key: str, default: str) -> str:
-    value = params.get(key, {}).get("string_value", "")
-    return value or os.environ.get(f"ALIT_{key.upper()}", "") or default
 
 
 class TritonPythonModel:
@@ -39,18 +41,18 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(cfg):
             raise pb_utils.TritonModelException("the alit model needs model_transaction_policy { decoupled: true }")
-        params = cfg.get("parameters", {})
-        if os.environ.get("ALIT_TORCH_THREADS"):
-            torch.set_num_threads(int(os.environ["ALIT_TORCH_THREADS"]))
+        try:
+            # config.pbtxt parameters override the service's settings of the same name
+            settings = settings_with({k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()})
+        except ValueError as e:  # pydantic's ValidationError included: a clear load error in Triton's log
+            raise pb_utils.TritonModelException(f"alit: invalid settings: {e}") from None
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
-        self.loaded = resolve(_setting(params, "model", "preset:test_tiny"))
-        max_batch = int(_setting(params, "max_batch", "32"))
-        self.engine = Engine(self.loaded, EngineSettings(
-            devices=device, max_batch=max_batch,
-            max_queue=int(cfg.get("dynamic_batching", {}).get("default_queue_policy", {}).get("max_queue_size", 256) or 256),
-            halting=_setting(params, "halting", "true").lower() in ("1", "true", "yes", "on"),
-        ), observer=_observer(self.loaded.config, max_batch)).start()
-        self.default_target = Target(max_l1=float(_setting(params, "default_max_l1", "0.07")))
+        self.loaded = resolve(settings.model, heads=settings.heads)
+        self.engine = Engine(self.loaded, engine_settings(settings, devices=device),
+                             observer=_observer(self.loaded.config, settings.max_batch)).start()
+        self.default_target = Target(max_l1=settings.default_max_l1)
         self.size = self.loaded.config.img_size
         self.fingerprint = np.array([[self.loaded.fingerprint.encode()]], dtype=object)
 
@@ -64,14 +66,14 @@ class TritonPythonModel:
             arr = image.as_numpy()
             if arr.shape[0] != 1:
                 raise ValueError(f"one image per request (batch dimension 1), got {arr.shape[0]}")
-            pil = decode_image(bytes(arr.reshape(-1)[0]))
+            pixels_in = load_for_model(bytes(arr.reshape(-1)[0]), self.size)
         else:
             arr = pixels.as_numpy()
             if arr.shape[0] != 1:
                 raise ValueError(f"one image per request (batch dimension 1), got {arr.shape[0]}")
             from PIL import Image
 
-            pil = Image.fromarray(np.ascontiguousarray(arr[0]), mode="RGB")
+            pixels_in = preprocess(Image.fromarray(np.ascontiguousarray(arr[0]), mode="RGB"), self.size)
         spec = {}
         for name, field in TARGET_INPUTS.items():
             t = pb_utils.get_input_tensor_by_name(request, name)
@@ -81,7 +83,7 @@ class TritonPythonModel:
                 spec[field] = v
         target = parse_target(spec, self.engine.limits, self.default_target)
         every = pb_utils.get_input_tensor_by_name(request, "ALL_ITERATIONS")
-        job = TokenizeJob(image=preprocess(pil, self.size), target=target, still_wanted=_not_cancelled(sender))
+        job = TokenizeJob(image=pixels_in, target=target, still_wanted=_not_cancelled(sender))
         if every is not None and bool(every.as_numpy().reshape(-1)[0]):
             job.progress = lambda rec: sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(
                 rec.token_ids, rec.iteration, rec.l1, rec.psnr, False, final=False)))
@@ -90,11 +92,9 @@ class TritonPythonModel:
     # ----- responses ------------------------------------------------------------------------------------
     @staticmethod
     def _error(sender, message: str) -> None:
-        try:
+        with contextlib.suppress(pb_utils.TritonModelException):  # the client is gone (cancelled): nobody to tell
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except pb_utils.TritonModelException:  # the client is gone (cancelled); nobody to tell
-            pass
 
     def _respond(self, sender, future) -> None:
         """Runs on the engine's worker thread the moment an image halts."""
@@ -124,26 +124,26 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """Hand every request's image to the engine and return; responses follow as images halt."""
-        jobs, senders = [], []
+        jobs: list[Job] = []
+        senders = []
         for request in requests:
             sender = request.get_response_sender()
             try:
-                job = self._job(request, sender)
+                jobs.append(self._job(request, sender))
             except (ImageError, TargetError, ValueError) as e:
                 self._error(sender, f"invalid request: {e}")
                 continue
-            jobs.append(job)
             senders.append(sender)
         if not jobs:
             return None
         try:
-            self.engine.submit(jobs)
-        except (QueueFull, EngineStopped) as e:
+            self.engine.submit(jobs)  # all or none: QueueFull when the queue is full, EngineStopped when draining
+        except EngineError as e:
             for s in senders:
                 self._error(s, str(e))
             return None
-        for job, sender in zip(jobs, senders):
-            job.future.add_done_callback(lambda f, s=sender: self._respond(s, f))
+        for queued, sender in zip(jobs, senders):
+            queued.future.add_done_callback(functools.partial(self._respond, sender))
         return None
 
     def finalize(self):

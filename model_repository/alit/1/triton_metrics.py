@@ -33,7 +33,8 @@ class TritonMetrics(EngineObserver):
             m = self._metrics.get(k)
             if m is None:
                 fam, buckets = self._families[key]
-                m = fam.Metric(labels=labels, buckets=list(buckets)) if buckets is not None else fam.Metric(labels=labels)
+                kw = {} if buckets is None else {"buckets": list(buckets)}
+                m = fam.Metric(labels=labels, **kw)
                 self._metrics[k] = m
             return m
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .. import tracing
 from ..cache import SingleFlight, Trajectory, cache_key
-from ..engine import Engine, IterationRecord, Target
+from ..engine import EngineInterface, IterationRecord, Target
 
 log = logging.getLogger("alit.pipeline")
 
@@ -27,7 +27,7 @@ class Outcome:
 
 
 class TokenizePipeline:
-    def __init__(self, engine: Engine, cache, halting_tag: str, observer=None):
+    def __init__(self, engine: EngineInterface, cache, halting_tag: str, observer=None):
         self.engine = engine
         self.cache = cache
         self.fingerprint = engine.loaded.fingerprint
@@ -57,7 +57,6 @@ class TokenizePipeline:
         while True:
             hit = stored.lookup(target, limits) if stored is not None else None
             if hit is not None:
-                self.cache.stats.hits += 1
                 self._event("hit")
                 log.debug("cache hit: %d of %d stored iterations", hit.iterations, len(stored))
                 return self._from_trajectory(stored, hit, progress)
@@ -78,20 +77,20 @@ class TokenizePipeline:
                 if lead:
                     self.flights.done(key, None)
                 raise
-        self.cache.stats.misses += 1
         self._event("miss")
         log.debug("cache miss: computing (%s)", "leader" if lead else "not single-flight")
         trajectory = None
         try:
             r = await self._run_engine(image, target, deadline, progress, tag)
-            trajectory = Trajectory().merge(r.trajectory)
-            with tracing.span("cache merge", **{"alit.cache.iterations": len(r.trajectory)}):
-                await self.cache.merge(key, r.trajectory)
+            records = r.trajectory or []  # asked for: every iteration run
+            trajectory = Trajectory().merge(records)
+            with tracing.span("cache merge", **{"alit.cache.iterations": len(records)}):
+                await self.cache.merge(key, records)
         finally:
             if lead:
                 self.flights.done(key, trajectory)
-        chosen = next(x for x in r.trajectory if x.iteration == r.selected_iteration)
-        return Outcome(chosen, r.iterations, r.target_met, False, r.trajectory,
+        chosen = next(x for x in records if x.iteration == r.selected_iteration)
+        return Outcome(chosen, r.iterations, r.target_met, False, records,
                        r.timings["queue_s"], r.timings["compute_s"])
 
     async def _run_engine(self, image, target, deadline, progress, tag):

@@ -1,4 +1,5 @@
-"""Nothing is hard-coded: other image sizes, grids, token counts and iteration counts work."""
+"""The model configuration (`service/model/config.py`): nothing is hard-coded; other image sizes,
+grids, token counts and iteration counts work. (The service's settings: tests/test_settings.py.)"""
 
 from __future__ import annotations
 

@@ -18,11 +18,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..model.alit import ALIT
-from ..model.checkpoint import fingerprint, load_model
+from ..model.checkpoint import export, load_model
 from .common import setup_threads
 from .data import HELDOUT_DIR, load_folder, pool_cached, to_tensor
 from .recipe import DEFAULT_CONFIG, Recipe, quick_recipe
@@ -39,19 +40,6 @@ class Timer:
         self.times[stage] = self.times.get(stage, 0.0) + seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.times, indent=1))
-
-
-def export(model: ALIT, out: Path, card: str | None = None) -> str:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(model, model.cfg)
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"fingerprint": fp})
-    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    if card is not None:
-        (out / "MODEL_CARD.md").write_text(card)
-    return fp
 
 
 def build_stage2_model(vqgan_state: dict, seed: int) -> ALIT:
@@ -76,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     quiet = args.quiet
 
     t = time.time()
-    pool = pool_cached(run_dir / f"pool_{recipe.pool_size}_{size}_{recipe.seed}.npy", recipe.pool_size, size, recipe.seed)
+    pool_file = run_dir / f"pool_{recipe.pool_size}_{size}_{recipe.seed}.npy"
+    pool = pool_cached(pool_file, recipe.pool_size, size, recipe.seed)
     timer.add("data", time.time() - t)
 
     from .stage1 import train_vqgan
@@ -117,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     t = time.time()
     l1, psnr, _ = per_iteration(loaded.model, eval_images, halting=True)
     l1_nh, _, _ = per_iteration(loaded.model, eval_images, halting=False)
-    metrics = {
+    metrics: dict[str, Any] = {
         "heldout_photos": {
             "mean_l1": l1.mean(0).tolist(), "mean_psnr": psnr.mean(0).tolist(),
             "mean_l1_no_halting": l1_nh.mean(0).tolist(),
@@ -135,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "MODEL_CARD.md").write_text(model_card(loaded, recipe, metrics, command, out))
     print(json.dumps({k: metrics[k] for k in ("heldout_photos", "wall_seconds", "fingerprint")}, indent=1))
     c = metrics["checks"]
-    print(f"crops mean L1 {['%.4f' % v for v in c['crop_mean_l1']]} ratio {c['crop_ratio_256_32']:.3f} "
+    print(f"crops mean L1 {[f'{v:.4f}' for v in c['crop_mean_l1']]} ratio {c['crop_ratio_256_32']:.3f} "
           f"rho {c['rho_halting_vs_png']:.3f} (VQGAN {c['rho_vqgan_l1_vs_png']:.3f}) "
           f"flat {c['flat_halts_at']} noise {c['noise_halts_at']}")
     print(f"exported {out} (fingerprint {loaded.fingerprint})")

@@ -1,0 +1,117 @@
+"""Service settings: every knob is an `ALIT_*` environment variable with a documented default.
+
+The README's configuration table lists the same fields; `tests/test_api.py` checks they agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .engine import EngineSettings
+
+# The trained default model shipped in weights/ (see weights/MODEL_CARD.md); a random-weight preset
+# where it is absent (an installed package without the source tree).
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_MODEL = str(SHIPPED_WEIGHTS) if (SHIPPED_WEIGHTS / "model.safetensors").is_file() else "preset:test_tiny"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIT_", extra="ignore")
+
+    # model
+    model: str = Field(DEFAULT_MODEL,
+                       description="Weights: a .pth/.safetensors file, a directory holding one, or "
+                                   "`preset:NAME[:seedN]`; default: the shipped `weights/`.")
+    heads: int | None = Field(None, description="Attention heads when they cannot be inferred from the weights.")
+    # engine
+    engine: str = Field("local", pattern="^(local|triton)$",
+                        description="`local`: in-process workers; `triton`: forward tokenization to Triton.")
+    triton_url: str = Field("127.0.0.1:8011", description="Triton gRPC address when `ALIT_ENGINE=triton`.")
+    devices: str = Field("auto",
+                         description="`auto` (every GPU, else CPU), `cpu`, or `cuda:0,cuda:1`: one worker each.")
+    max_batch: int = Field(32, ge=1, description="Images in flight per worker (continuous batching).")
+    max_queue: int = Field(256, ge=1,
+                           description="Images waiting for admission; beyond it requests get 503 + Retry-After.")
+    batch_mode: Literal["packed", "cohort", "padded"] = Field(
+        "packed", description="Mixed iterations: packed tokens (attention per image), same-length cohorts, or one "
+                              "padded call.")
+    admission: Literal["max_batch", "measured"] = Field(
+        "max_batch", description="Images in flight per worker: up to `max_batch`, or up to the knee of the step-cost "
+                                 "curve measured at warm-up.")
+    halting: bool = Field(True, description="2D-token dynamic halting during encoding, as the published model runs.")
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$",
+                       description="Compute precision (autocast) on the workers.")
+    torch_threads: int | None = Field(None, description="torch intra-op CPU threads (default: torch's choice).")
+    warmup: bool = Field(True, description="Run one image through every worker before reporting ready.")
+    default_max_l1: float = Field(0.07, gt=0, le=1,
+                                  description="Target when a request names none (the reference default).")
+    # requests
+    request_timeout_s: float = Field(30.0, gt=0,
+                                     description="Default deadline; a client may shorten it with `X-Request-Timeout`.")
+    max_batch_images: int = Field(16, ge=1,
+                                  description="Images per JSON tokenize request, sequences per reconstruct request.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest encoded image accepted.")
+    max_image_pixels: int = Field(40_000_000, ge=1,
+                                  description="Largest decoded image (width x height), checked before decoding.")
+    decode_scale: float = Field(4.0, ge=0, description="Decode images at no fewer pixels than this multiple of the "
+                                "model's input side (JPEG DCT scaling, else a box reduce), then the reference resize + "
+                                "crop; 0 = decode every pixel.")
+    decode_memory_mb: int = Field(256, ge=1, description="Decoded-pixel memory all requests may hold at once; images "
+                                  "wait beyond it (one larger image decodes alone).")
+    input_memo_entries: int = Field(4096, ge=0, description="Uploads remembered by digest, so the same bytes sent again "
+                                    "skip decoding on a cache hit; 0 = off.")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
+    # cache
+    redis_url: str | None = Field(None, description="Redis URL for the result cache; unset = in-process LRU.")
+    cache_prefix: str = Field("alit:v1:", description="Key prefix in Redis.")
+    cache_ttl_s: int = Field(7 * 86400, ge=1, description="Lifetime of a cached trajectory in Redis.")
+    cache_max_entries: int = Field(10_000, ge=1, description="Entries of the in-process LRU (no Redis).")
+    # security and lifecycle
+    api_keys: SecretStr = Field(SecretStr(""), description="Comma-separated API keys; empty (and no key file) = no "
+                                                             "authentication.")
+    api_keys_file: str | None = Field(None, description="A file of API keys, one `NAME KEY` per line; re-read when it "
+                                                        "changes (rotation without restart).")
+    rate_limit: float | None = Field(None, gt=0, description="Requests per second allowed per API key (token "
+                                                             "bucket); unset = no limit.")
+    rate_burst: int = Field(20, ge=1, description="Requests a key may send at once before the rate limit applies.")
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty = CORS off.")
+    drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, time given to in-flight and queued requests.")
+    demo_page: bool = Field(True, description="Serve the demo page at `/`.")
+    fault_injection: bool = Field(False,
+                                  description="Tests only: a request with `X-Alit-Fault: step` makes its inference "
+                                              "step raise.")
+    log_format: str = Field("text", pattern="^(text|json)$",
+                            description="`text` or `json` (one JSON object per line), for the service's and uvicorn's "
+                                        "logs.")
+    log_level: str = Field("INFO", pattern="(?i)^(debug|info|warning|error|critical)$", description="Log level.")
+    access_log: bool = Field(True, description="One log line per request: method, path, status, duration, request id.")
+    host: str = Field("127.0.0.1", description="Address `alit-serve serve` binds.")
+    port: int = Field(8000, description="Port `alit-serve serve` binds.")
+
+    def key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+
+def engine_settings(settings: Settings, devices: str | None = None) -> EngineSettings:
+    """The engine's part of the settings (the API and the Triton model build their engines from it);
+    `devices` replaces `settings.devices` (Triton assigns each model instance its device)."""
+    return EngineSettings(
+        devices=settings.devices if devices is None else devices, max_batch=settings.max_batch,
+        max_queue=settings.max_queue, batch_mode=settings.batch_mode, halting=settings.halting, dtype=settings.dtype,
+        warmup=settings.warmup, admission=settings.admission,
+    )
+
+
+def settings_with(overrides: dict[str, str]) -> Settings:
+    """Settings from the environment and defaults, with `overrides` (by field name; empty strings
+    ignored) on top: how the Triton model applies its config.pbtxt parameters. A name that is no
+    setting raises ValueError, as does an invalid value (pydantic's ValidationError)."""
+    unknown = sorted(set(overrides) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a setting (known: {', '.join(Settings.model_fields)})")
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v != ""}
+    return Settings(**given)
