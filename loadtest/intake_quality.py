@@ -29,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.config import Settings  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from service.engine import Engine, EngineSettings, Target  # noqa: E402
 from service.imaging import decode_image, preprocess  # noqa: E402
 from service.model.registry import resolve  # noqa: E402

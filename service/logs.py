@@ -28,9 +28,10 @@ class RequestIdFilter(logging.Filter):
     """Adds `request_id` (and, with tracing on, `trace_id` / `span_id`) to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
+        record.__dict__["request_id"] = REQUEST_ID.get()
         ids = _trace_ids() if _trace_ids is not None else None
-        record.trace_id, record.span_id = ids if ids else (None, None)
+        trace_id, span_id = ids if ids else (None, None)
+        record.__dict__.update(trace_id=trace_id, span_id=span_id)
         return True
 
 
@@ -41,7 +42,7 @@ class JsonFormatter(logging.Formatter):
                 "level": record.levelname, "logger": record.name, "message": record.getMessage(),
                 "request_id": getattr(record, "request_id", None)}
         if getattr(record, "trace_id", None):
-            line["trace_id"], line["span_id"] = record.trace_id, record.span_id
+            line["trace_id"], line["span_id"] = getattr(record, "trace_id"), getattr(record, "span_id")  # noqa: B009
         for k, v in vars(record).items():
             if k not in _STANDARD and not k.startswith("_"):
                 line[k] = v
@@ -55,10 +56,8 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        if not hasattr(record, "request_id"):
-            record.request_id = None
-        if record.request_id is None:
-            record.request_id = "-"
+        if getattr(record, "request_id", None) is None:
+            record.__dict__["request_id"] = "-"
         return super().format(record)
 
 

@@ -62,8 +62,8 @@ class Settings(BaseSettings):
                                 "crop; 0 = decode every pixel.")
     decode_memory_mb: int = Field(256, ge=1, description="Decoded-pixel memory all requests may hold at once; images "
                                   "wait beyond it (one larger image decodes alone).")
-    input_memo_entries: int = Field(4096, ge=0, description="Uploads remembered by digest, so the same bytes sent again "
-                                    "skip decoding on a cache hit; 0 = off.")
+    input_memo_entries: int = Field(4096, ge=0, description="Uploads remembered by digest, so the same bytes sent "
+                                    "again skip decoding on a cache hit; 0 = off.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
     # cache
     redis_url: str | None = Field(None, description="Redis URL for the result cache; unset = in-process LRU.")

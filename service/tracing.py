@@ -71,12 +71,14 @@ def _otlp_exporter():
     protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
                 or "grpc").strip().lower()
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    else:
-        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
-    return OTLPSpanExporter()
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        return HttpExporter()
+    raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
 
 
 def shutdown() -> None:
@@ -122,7 +124,7 @@ def tag_request(request_id: str) -> None:
 @contextlib.contextmanager
 def span(name: str, **attributes):
     """A child span of the current one; nothing at all when tracing is off. Yields the span or None."""
-    if not ENABLED:
+    if not ENABLED or _tracer is None:
         yield None
         return
     with _tracer.start_as_current_span(name, attributes=_clean(attributes)) as s:
@@ -132,7 +134,7 @@ def span(name: str, **attributes):
 def past_span(name: str, start_s: float, end_s: float, events=(), **attributes) -> None:
     """A span for something already over (times: time.time() seconds), e.g. the queue wait the engine
     measured; `events`: (name, time.time() seconds, attributes) each."""
-    if not ENABLED:
+    if not ENABLED or _tracer is None:
         return
     s = _tracer.start_span(name, start_time=int(start_s * 1e9), attributes=_clean(attributes))
     for ev_name, at, attrs in events:

@@ -90,7 +90,7 @@ def test_in_memory_span_tree(tmp_path):
 
     from service import tracing
     from service.api.app import create_app
-    from service.config import Settings
+    from service.settings import Settings
 
     exporter = InMemorySpanExporter()
     assert tracing.configure(exporter=exporter)
@@ -159,7 +159,7 @@ def test_triton_spans_join_the_api_trace(start_server, monkeypatch, tmp_path):
     import urllib.request
 
     from conftest import free_port
-    from service.tritonserver import TritonPorts, command, prepare_runtime
+    from service.triton_launcher import TritonPorts, command, prepare_runtime
 
     received: list[dict] = []
 

@@ -15,13 +15,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import tracing
 from ..cache import make_cache
 from ..engine import Engine, EngineInterface, Target
+from ..imaging import ImageLimits
 from ..metrics import Metrics
 from ..model.presets import preset_name_of
 from ..model.registry import resolve
-from .. import tracing
-from ..imaging import ImageLimits
 from ..settings import SHIPPED_WEIGHTS, Settings, engine_settings
 from . import errors
 from .auth import KeyStore

@@ -27,7 +27,7 @@ from .errors import ApiError
 
 log = logging.getLogger("alit.auth")
 bearer = HTTPBearer(auto_error=False, scheme_name="api_key",
-                    description="An API key, when the service has keys configured (ALIT_API_KEYS or ALIT_API_KEYS_FILE)")
+                    description="An API key, when keys are configured (ALIT_API_KEYS or ALIT_API_KEYS_FILE)")
 CHECK_EVERY_S = 1.0
 
 
@@ -71,7 +71,7 @@ class KeyStore:
         self.path = path
         self.rate, self.burst = rate, burst
         self._from_file: list[tuple[str, SecretStr]] = []
-        self._stamp = None
+        self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
@@ -79,7 +79,7 @@ class KeyStore:
             self._load(initial=True)
 
     @classmethod
-    def from_settings(cls, s) -> "KeyStore":
+    def from_settings(cls, s) -> KeyStore:
         return cls(s.key_list(), s.api_keys_file, s.rate_limit, s.rate_burst)
 
     @property
@@ -87,6 +87,8 @@ class KeyStore:
         return self.path is not None or bool(self.inline)
 
     def _load(self, initial: bool = False) -> None:
+        if self.path is None:
+            return
         try:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -23,7 +23,8 @@ import ctypes.util
 import functools
 import hashlib
 import logging
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -71,7 +72,7 @@ class DecodeBudget:
             self.gauge.set(self.in_use)
 
 
-_libc = None
+_libc: ctypes.CDLL | bool | None = None
 
 
 def release_heap() -> None:
@@ -83,7 +84,7 @@ def release_heap() -> None:
             _libc.malloc_trim.argtypes = [ctypes.c_size_t]
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
+    if isinstance(_libc, ctypes.CDLL):
         _libc.malloc_trim(0)
 
 
@@ -132,17 +133,17 @@ class Intake:
 
         Bytes seen before (same digest) are not decoded here: their model input is then a coroutine
         function that decodes them, which the pipeline calls only if the result cache cannot answer."""
-        out = []
+        out: list[tuple[Any, Target, str | None]] = []
         for data, spec in items:
             target = parse_target(spec, model_limits, default)
             digest = await self._digest(data) if self.memo_entries else None
-            key = self.memo.get(digest) if digest is not None else None
-            if key is not None:
+            known = self.memo.get(digest) if digest is not None else None
+            if digest is not None and known is not None:
                 self.memo.move_to_end(digest)
-                out.append((functools.partial(self._pixels, data), target, key))
+                out.append((functools.partial(self._pixels, data), target, known))
                 continue
             pixels, key = await self.image(data)
-            if digest is not None:
+            if digest is not None and key is not None:
                 self.memo[digest] = key
                 if len(self.memo) > self.memo_entries:
                     self.memo.popitem(last=False)
