@@ -17,14 +17,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engine import Target  # noqa: E402
-from service.engine.jobs import TokenizeJob  # noqa: E402
-from service.engine.observer import EngineObserver  # noqa: E402
-from service.engine.policies import make_policy  # noqa: E402
-from service.engine.runner import ModelRunner  # noqa: E402
-from service.engine.scheduler import Scheduler  # noqa: E402
-from service.engine.targets import ModelLimits  # noqa: E402
-from service.model.registry import resolve  # noqa: E402
+from service.engine import Target
+from service.engine.jobs import TokenizeJob
+from service.engine.observer import EngineObserver
+from service.engine.policies import make_policy
+from service.engine.runner import ModelRunner
+from service.engine.scheduler import Scheduler
+from service.engine.targets import ModelLimits
+from service.model.registry import resolve
 
 
 def main() -> None:
@@ -67,7 +67,8 @@ def main() -> None:
     steps = drain(queue)
     prof.disable()
     wall = time.perf_counter() - t
-    print(f"{a.images} images, {steps} steps, {wall:.2f} s, {a.images / wall:.1f} img/s, {wall / steps * 1e3:.1f} ms/step")
+    print(f"{a.images} images, {steps} steps, {wall:.2f} s, {a.images / wall:.1f} img/s, "
+          f"{wall / steps * 1e3:.1f} ms/step")
     pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
 
 
