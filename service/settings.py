@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine import EngineSettings
@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest encoded image accepted.")
     max_image_pixels: int = Field(40_000_000, ge=1,
                                   description="Largest decoded image (width x height), checked before decoding.")
+    decode_scale: float = Field(4.0, ge=0, description="Decode images at no fewer pixels than this multiple of the "
+                                "model's input side (JPEG DCT scaling, else a box reduce), then the reference resize + "
+                                "crop; 0 = decode every pixel.")
+    decode_memory_mb: int = Field(256, ge=1, description="Decoded-pixel memory all requests may hold at once; images "
+                                  "wait beyond it (one larger image decodes alone).")
+    input_memo_entries: int = Field(4096, ge=0, description="Uploads remembered by digest, so the same bytes sent "
+                                    "again skip decoding on a cache hit; 0 = off.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
     # cache
     redis_url: str | None = Field(None, description="Redis URL for the result cache; unset = in-process LRU.")
@@ -73,18 +80,29 @@ class Settings(BaseSettings):
                                  description="TTL of the Redis lease a replica holds (and renews) while it computes a "
                                              "miss; others wait for its result, or take over once it expires.")
     # security and lifecycle
-    api_keys: str = Field("", description="Comma-separated API keys; empty = no authentication.")
+    api_keys: SecretStr = Field(SecretStr(""), description="Comma-separated API keys; empty (and no key file) = no "
+                                                             "authentication.")
+    api_keys_file: str | None = Field(None, description="A file of API keys, one `NAME KEY` per line; re-read when it "
+                                                        "changes (rotation without restart).")
+    rate_limit: float | None = Field(None, gt=0, description="Requests per second allowed per API key (token "
+                                                             "bucket); unset = no limit.")
+    rate_burst: int = Field(20, ge=1, description="Requests a key may send at once before the rate limit applies.")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty = CORS off.")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, time given to in-flight and queued requests.")
     demo_page: bool = Field(True, description="Serve the demo page at `/`.")
     fault_injection: bool = Field(False,
                                   description="Tests only: a request with `X-Alit-Fault: step` makes its inference "
                                               "step raise.")
+    log_format: str = Field("text", pattern="^(text|json)$",
+                            description="`text` or `json` (one JSON object per line), for the service's and uvicorn's "
+                                        "logs.")
+    log_level: str = Field("INFO", pattern="(?i)^(debug|info|warning|error|critical)$", description="Log level.")
+    access_log: bool = Field(True, description="One log line per request: method, path, status, duration, request id.")
     host: str = Field("127.0.0.1", description="Address `alit-serve serve` binds.")
     port: int = Field(8000, description="Port `alit-serve serve` binds.")
 
     def key_list(self) -> list[str]:
-        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
 
 def engine_settings(settings: Settings, devices: str | None = None) -> EngineSettings:

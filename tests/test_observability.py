@@ -71,6 +71,9 @@ def start_prometheus(tmp_path, targets: dict[str, int]) -> tuple[subprocess.Pope
     raise RuntimeError("prometheus did not become ready")
 
 
+GPU_ONLY = "alit_gpu_memory_allocated_bytes"  # exported per CUDA worker only
+
+
 def panel_targets() -> list[tuple[str, str]]:
     dash = json.loads(DASHBOARD.read_text())
     return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
@@ -85,14 +88,18 @@ def test_every_dashboard_query_has_data_on_a_real_prometheus(start_server, tmp_p
         time.sleep(4)  # a few scrapes after it
         up = httpx.get(prom_url + "/api/v1/query", params={"query": "up"}).json()["data"]["result"]
         assert up and up[0]["value"][1] == "1"
-        empty = []
+        empty, gpu_targets = [], []
         for title, expr in panel_targets():
             q = concrete(expr, rng="5m")
             r = httpx.get(prom_url + "/api/v1/query", params={"query": q}).json()
             assert r["status"] == "success", (title, r)
-            if not r["data"]["result"]:
+            if GPU_ONLY in expr:  # this server runs on the CPU: the GPU series must be absent, not zero
+                gpu_targets.append(title)
+                assert not r["data"]["result"], (title, r["data"]["result"])
+            elif not r["data"]["result"]:
                 empty.append(title)
         assert not empty, f"panels without data: {empty}"
+        assert gpu_targets == ["Memory: process RSS and GPU allocated by torch"]
         # the rendering script works on the same data
         out = tmp_path / "dashboard.png"
         subprocess.run([str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else "python",
@@ -172,3 +179,46 @@ def test_grafana_provisioning_points_at_the_dashboard():
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for word in ("latency", "iteration", "batch", "queue", "halting", "tokens", "cache", "error", "memory"):
         assert word in titles, word
+
+
+def test_metrics_have_process_collectors_status_label_and_no_paths(start_server):
+    srv = start_server()
+    data = (FIXTURE / "images" / "birds" / "000000.png").read_bytes()
+    assert httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", data)}, data={"tokens": "32"}, timeout=60).status_code == 200
+    assert httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", b"junk")}).status_code == 415
+    text = httpx.get(srv.url + "/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("process_cpu_seconds", "process_resident_memory_bytes", "python_info", "python_gc_collections"):
+        assert name in fams, name
+    assert srv.metric("process_cpu_seconds_total") > 0
+    statuses = {s.labels["status"] for s in fams["alit_request_duration_seconds"].samples
+                if s.labels.get("endpoint") == "/v1/tokenize"}
+    assert {"200", "415"} <= statuses, statuses
+    assert "alit_device_memory_bytes" not in text  # replaced by RSS + alit_gpu_memory_allocated_bytes
+    assert "alit_gpu_memory_allocated_bytes{" not in text  # CPU only here: no GPU series
+    for fam in fams.values():
+        for s in fam.samples:
+            for v in s.labels.values():
+                assert "/" not in v or v.startswith("/") and v in ENDPOINT_LABELS, (s.name, s.labels)
+
+
+ENDPOINT_LABELS = {"/v1/tokenize", "/v1/reconstruct", "/tokenize", "/reconstruct", "/v1/models", "/healthz", "/readyz",
+                   "/metrics", "/", "/openapi.json", "/docs"}
+
+
+def test_metric_definitions_are_one_table_without_prometheus_client():
+    """service/metric_defs.py is plain data (Triton's Python-backend stub has no prometheus-client)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, builtins; real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name.startswith('prometheus_client'): raise ImportError('no prometheus_client here')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "from service.metric_defs import engine_metrics, service_metrics\n"
+            "print(len(engine_metrics()), len(service_metrics()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    triton = (ROOT / "model_repository" / "alit" / "1" / "triton_metrics.py").read_text()
+    assert "engine_metrics(" in triton and '"alit_' not in triton  # no metric name written twice

@@ -4,7 +4,6 @@ same model input, including odd aspect ratios where two rounding rules would dis
 from __future__ import annotations
 
 import io
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,15 +28,18 @@ def _png(img: Image.Image) -> bytes:
 
 
 def _service(data: bytes, size: int) -> torch.Tensor:
-    """What POST /v1/tokenize hands the engine (routes._prepare_images, with the service's settings)."""
-    from service.api.routes import _prepare_images
+    """What POST /v1/tokenize hands the engine (the API's intake, with the service's settings)."""
+    import asyncio
+
+    from service.api.intake import DecodeBudget, Intake
     from service.engine import ModelLimits, Target
+    from service.imaging import ImageLimits
     from service.settings import Settings
 
-    svc = SimpleNamespace(settings=Settings(), default_target=Target(max_l1=0.07),
-                          engine=SimpleNamespace(limits=ModelLimits(32, 8),
-                                                 loaded=SimpleNamespace(config=SimpleNamespace(img_size=size))))
-    ((pixels, _),) = _prepare_images(svc, [(data, {})])
+    s = Settings()
+    intake = Intake(ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels), size, s.decode_scale,
+                    DecodeBudget(s.decode_memory_mb * 1024 * 1024))
+    ((pixels, _, _),) = asyncio.run(intake.prepare([(data, {})], ModelLimits(32, 8), Target(max_l1=0.07)))
     return pixels
 
 

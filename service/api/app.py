@@ -16,15 +16,20 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import tracing
 from ..cache import make_cache
 from ..engine import Engine, EngineInterface, Target
+from ..imaging import ImageLimits
 from ..metrics import Metrics
 from ..model.presets import preset_name_of
 from ..model.registry import resolve
 from ..settings import SHIPPED_WEIGHTS, Settings, engine_settings
 from . import errors
+from .auth import KeyStore
 from .cached_tokenize import TokenizePipeline
 from .draining import stamp_arrival
+from .intake import DecodeBudget, Intake
+from .request_log import RequestLog
 from .routes import router
 
 log = logging.getLogger("alit.api")
@@ -41,6 +46,7 @@ class ServiceState:
     default_target: Target
     model_ref: dict
     metrics: Metrics
+    intake: Intake
     draining: bool = False
     drain_started: float = float("inf")
     inflight: int = 0
@@ -82,7 +88,7 @@ def build_state(settings: Settings) -> ServiceState:
     metrics = Metrics(max_iters=cfg.max_iters, max_batch=settings.max_batch, max_tokens=cfg.max_tokens,
                       tokens_per_iter=cfg.tokens_per_iter)
     model_ref = {"id": model_id(loaded), "fingerprint": loaded.fingerprint}
-    metrics.model_info.info({"id": model_ref["id"], "fingerprint": loaded.fingerprint, "source": loaded.source,
+    metrics.model_info.info({"id": model_ref["id"], "fingerprint": loaded.fingerprint,  # no paths: /metrics is public
                              "image_size": str(cfg.img_size), "max_tokens": str(cfg.max_tokens)})
     engine: EngineInterface
     if settings.engine == "triton":  # Triton tokenizes; this process keeps cache, auth, limits, /reconstruct
@@ -105,7 +111,12 @@ def build_state(settings: Settings) -> ServiceState:
     metrics.cache_available.set_function(lambda: 1.0 if cache.available else 0.0)
     halting_tag = f"halting=on:thr={cfg.halting_threshold}" if settings.halting else "halting=off"
     pipeline = TokenizePipeline(engine, cache, halting_tag, observer=metrics, lease_ttl_s=settings.cache_lease_s)
-    return ServiceState(settings, engine, cache, pipeline, Target(max_l1=settings.default_max_l1), model_ref, metrics)
+    intake = Intake(ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
+                    cfg.img_size, settings.decode_scale,
+                    DecodeBudget(settings.decode_memory_mb * 1024 * 1024, metrics.decode_inflight), keyer=pipeline.key,
+                    memo_entries=settings.input_memo_entries)
+    return ServiceState(settings, engine, cache, pipeline, Target(max_l1=settings.default_max_l1), model_ref, metrics,
+                        intake)
 
 
 def _load_in_background(app: FastAPI, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
@@ -226,7 +237,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.svc = None  # set by the background load; None = starting
     app.state.startup_error = ""  # why the background load failed ("" while fine)
     app.state.stopping = False  # set by the server on the first shutdown signal
-    app.state.api_keys = [k.encode() for k in settings.key_list()]
+    app.state.keys = KeyStore.from_settings(settings)
     errors.install(app)
     app.include_router(router)
     if settings.demo_page:
@@ -236,8 +247,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-Timeout"])
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Timeout", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
     app.add_middleware(RequestGuard, fastapi_app=app)
+    app.add_middleware(RequestLog, access=settings.access_log)  # outermost of ours: the ID covers every answer
+    tracing.instrument(app)  # the request span (when OTEL_TRACES_EXPORTER is set), outside everything else
     _publish_manual_schemas(app)
     return app
 

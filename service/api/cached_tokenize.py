@@ -3,14 +3,18 @@ across replicas, service/flights.py), engine, cache merge."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .. import tracing
 from ..cache import Trajectory, cache_key
 from ..engine import EngineInterface, IterationRecord, Target
 from ..flights import LocalFlights, ReplicaFlights
+
+log = logging.getLogger("alit.pipeline")
 
 
 @dataclass
@@ -34,19 +38,30 @@ class TokenizePipeline:
         self.replicas = ReplicaFlights(cache, lease_ttl_s)
         self.observer = observer
 
+    def key(self, image: torch.Tensor) -> str:
+        """The image's cache key (model input pixels, model, halting settings)."""
+        return cache_key(image, self.fingerprint, self.halting_tag)
+
     def _event(self, kind: str) -> None:
         if self.observer is not None:
             self.observer.cache(kind)
 
     async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None,
-                       progress: Callable[[IterationRecord], None] | None = None, tag: str | None = None) -> Outcome:
-        key = cache_key(image, self.fingerprint, self.halting_tag)
+                       progress: Callable[[IterationRecord], None] | None = None, tag: str | None = None,
+                       key: str | None = None) -> Outcome:
+        """`image`: the model input, or a coroutine function giving it (decoded only on a miss);
+        `key`: the image's cache key when the caller computed it already (then required for the latter)."""
+        key = key or self.key(image)
         limits = self.engine.limits
-        stored = await self.cache.get(key)
+        with tracing.span("cache lookup", **{"alit.cache.backend": self.cache.backend}) as sp:
+            stored = await self.cache.get(key)
+            if sp is not None:
+                sp.set_attribute("alit.cache.iterations_stored", len(stored) if stored is not None else 0)
         while True:
             hit = stored.lookup(target, limits) if stored is not None else None
             if hit is not None:
                 self._event("hit")
+                log.debug("cache hit: %d of %d stored iterations", hit.iterations, len(stored))
                 return self._from_trajectory(stored, hit, progress)
             leader = self.flights.leader(key)
             if leader is None:
@@ -69,14 +84,24 @@ class TokenizePipeline:
         return await self._compute(key, image, target, deadline, progress, tag, lead=True, lease=lease)
 
     async def _compute(self, key, image, target, deadline, progress, tag, lead: bool, lease=None) -> Outcome:
+        if callable(image):  # decoded only now, on a miss
+            try:
+                image = await image()
+            except BaseException:
+                if lease is not None:
+                    await lease.release()
+                if lead:
+                    self.flights.done(key, None)
+                raise
         self._event("miss")
+        log.debug("cache miss: computing (%s)", "leader" if lead else "not single-flight")
         trajectory = None
         try:
-            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress,
-                                           tag=tag)
+            r = await self._run_engine(image, target, deadline, progress, tag)
             records = r.trajectory or []  # asked for: every iteration run
             trajectory = Trajectory().merge(records)
-            await self.cache.merge(key, records)
+            with tracing.span("cache merge", **{"alit.cache.iterations": len(records)}):
+                await self.cache.merge(key, records)
         finally:
             if lease is not None:
                 await lease.release()
@@ -85,6 +110,34 @@ class TokenizePipeline:
         chosen = next(x for x in records if x.iteration == r.selected_iteration)
         return Outcome(chosen, r.iterations, r.target_met, False, records,
                        r.timings["queue_s"], r.timings["compute_s"])
+
+    async def _run_engine(self, image, target, deadline, progress, tag):
+        """engine.tokenize; with tracing on, inside an `engine` span with `queue wait` and `compute`
+        children timed by the engine, compute carrying one event per iteration."""
+        if not tracing.ENABLED:
+            return await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=progress,
+                                              tag=tag)
+        seen: list[tuple[float, IterationRecord]] = []
+
+        def record(rec: IterationRecord) -> None:
+            seen.append((tracing.now(), rec))
+            if progress is not None:
+                progress(rec)
+
+        with tracing.span("engine", **{"alit.target": target.kind}) as sp:
+            r = await self.engine.tokenize(image, target, deadline=deadline, trajectory=True, progress=record, tag=tag)
+            end = tracing.now()
+            t = r.timings
+            start = end - t.get("total_s", t["queue_s"] + t["compute_s"])
+            admitted = start + t["queue_s"]
+            sp.set_attributes({"alit.iterations": r.iterations, "alit.num_tokens": r.num_tokens,
+                               "alit.target_met": r.target_met})
+            tracing.past_span("queue wait", start, admitted)
+            tracing.past_span("compute", admitted, end, events=[
+                ("iteration", at, {"alit.iteration": rec.iteration, "alit.tokens": int(rec.token_ids.shape[0]),
+                                   "alit.l1": rec.l1, "alit.psnr": rec.psnr}) for at, rec in seen],
+                **{"alit.iterations": r.iterations})
+        return r
 
     @staticmethod
     def _from_trajectory(traj: Trajectory, hit, progress) -> Outcome:

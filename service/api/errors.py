@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import DeadlineExceeded, EngineStopped, EngineUnavailable, QueueFull, StepFailed, TargetError
 from ..imaging import ImageError
+from ..logs import REQUEST_ID
 
 log = logging.getLogger("alit.api")
 
@@ -36,7 +37,7 @@ class ClientGone(Exception):
 
 
 def error_body(code: str, message: str, detail=None) -> dict:
-    return {"error": {"code": code, "message": message, "detail": detail}}
+    return {"error": {"code": code, "message": message, "detail": detail, "request_id": REQUEST_ID.get()}}
 
 
 def to_api_error(exc: Exception) -> ApiError:
@@ -102,6 +103,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or wrong API key", "model": None},
     413: {"description": "Body or image too large"},
     415: {"description": "Not a supported image"},
+    429: {"description": "The API key's rate limit is exceeded (Retry-After)"},
     422: {"description": "Invalid image, target, token ids or request field"},
     503: {"description": "Overloaded (Retry-After), draining, or the Triton engine unreachable"},
     504: {"description": "Deadline exceeded"},

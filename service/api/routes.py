@@ -9,15 +9,15 @@ import json
 import time
 from typing import Any, cast
 
-import torch
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import IterationRecord, Target, parse_target
-from ..imaging import ImageLimits, load_for_model, to_png
+from .. import tracing
+from ..engine import IterationRecord, Target
+from ..imaging import to_png
 from ..model.presets import preset_name_of
 from .auth import require_key
 from .cached_tokenize import Outcome
@@ -171,21 +171,12 @@ async def _result_json(svc, out: Outcome, target: Target, include_reconstruction
                     "total_ms": (time.monotonic() - started) * 1e3},
     }
     if include_reconstruction:
-        (pixels,) = await svc.engine.reconstruct([rec.token_ids], deadline=deadline)
+        with tracing.span("reconstruct", **{"alit.num_tokens": int(rec.token_ids.shape[0])}):
+            (pixels,) = await svc.engine.reconstruct([rec.token_ids], deadline=deadline)
         res["reconstruction_png"] = base64.b64encode(to_png(pixels)).decode()
     if all_iterations:
         res["all_iterations"] = [_iteration_json(r) for r in out.trajectory]
     return res
-
-
-def _prepare_images(svc, items: list[tuple[bytes, dict]]) -> list[tuple[torch.Tensor, Target]]:
-    s = svc.settings
-    limits = ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-    out = []
-    for data, spec in items:
-        target = parse_target(spec, svc.engine.limits, svc.default_target)
-        out.append((load_for_model(data, svc.engine.loaded.config.img_size, limits), target))
-    return out
 
 
 @router.post("/v1/tokenize", response_model=TokenizeResponse, tags=["tokenize"], openapi_extra=TOKENIZE_BODY,
@@ -202,17 +193,17 @@ async def tokenize(request: Request):
     started = time.monotonic()
     deadline = _deadline(request)
     items, include_rec, all_iters, stream = await _parse_tokenize(request)
-    prepared = await asyncio.to_thread(_prepare_images, svc, items)
+    prepared = await svc.intake.prepare(items, svc.engine.limits, svc.default_target)
     tag = "fault" if svc.settings.fault_injection and request.headers.get("x-alit-fault") == "step" else None
     if stream:
         return StreamingResponse(_stream(svc, prepared, include_rec, all_iters, started, deadline),
                                  media_type="application/x-ndjson")
 
-    async def one(img, target):
-        out = await svc.pipeline.tokenize(img, target, deadline, tag=tag)
+    async def one(img, target, key):
+        out = await svc.pipeline.tokenize(img, target, deadline, tag=tag, key=key)
         return await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
 
-    results = await _unless_disconnected(request, asyncio.gather(*(one(img, t) for img, t in prepared),
+    results = await _unless_disconnected(request, asyncio.gather(*(one(*p) for p in prepared),
                                                                   return_exceptions=True))
     for r in results:  # the first failure decides the response; the rest finished or were cancelled
         if isinstance(r, BaseException):
@@ -241,12 +232,12 @@ async def _stream(svc, prepared, include_rec, all_iters, started, deadline):
     """NDJSON: `iteration` events as each image's iterations complete, then its `result`."""
     events: asyncio.Queue = asyncio.Queue()
 
-    async def one(index: int, img, target):
+    async def one(index: int, img, target, key):
         def progress(rec: IterationRecord):
             events.put_nowait({"event": "iteration", "index": index, **_iteration_json(rec)})
 
         try:
-            out = await svc.pipeline.tokenize(img, target, deadline, progress=progress)
+            out = await svc.pipeline.tokenize(img, target, deadline, progress=progress, key=key)
             res = await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
             events.put_nowait({"event": "result", "index": index, "model": svc.model_ref, **res})
         except Exception as e:
@@ -254,7 +245,7 @@ async def _stream(svc, prepared, include_rec, all_iters, started, deadline):
             events.put_nowait({"event": "error", "index": index, "status": err.status,
                                **error_body(err.code, err.message, err.detail)})
 
-    tasks = [asyncio.create_task(one(i, img, t)) for i, (img, t) in enumerate(prepared)]
+    tasks = [asyncio.create_task(one(i, *p)) for i, p in enumerate(prepared)]
     try:
         remaining = len(tasks)
         while remaining:
@@ -284,7 +275,8 @@ async def reconstruct(body: ReconstructJSON, request: Request):
     if len(seqs) > svc.settings.max_batch_images:
         raise ApiError(413, "too_many_images", f"token_ids: {len(seqs)} sequences; the limit per request is "
                        f"{svc.settings.max_batch_images}", {"field": "token_ids"})
-    pixels = await svc.engine.reconstruct(seqs, deadline=deadline)  # validated there (range, length)
+    with tracing.span("reconstruct", **{"alit.sequences": len(seqs)}):
+        pixels = await svc.engine.reconstruct(seqs, deadline=deadline)  # validated there (range, length)
     pngs = await asyncio.to_thread(lambda: [to_png(p) for p in pixels])
     if single and "image/png" in request.headers.get("accept", ""):
         return Response(pngs[0], media_type="image/png")

@@ -132,6 +132,7 @@ class ErrorDetail(BaseModel):
     code: str
     message: str
     detail: object | None = None
+    request_id: str | None = Field(None, description="The request's X-Request-ID (the caller's, or one made for it)")
 
 
 class ErrorResponse(BaseModel):

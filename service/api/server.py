@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
+from .. import logs, tracing
 from ..settings import SHIPPED_WEIGHTS, Settings
 from .app import create_app
 
@@ -87,10 +88,17 @@ def serve(settings: Settings) -> None:
     problem = model_problem(settings.model)
     if problem:
         raise SystemExit(problem)
+    logs.configure(settings.log_format, settings.log_level)
+    tracing.configure()
     app = create_app(settings)
+    # log_config=None: uvicorn's loggers keep the format set above; its access log is replaced by the
+    # app's own (request ID and duration). loop/http "auto" pick uvloop and httptools (uvicorn[standard]).
     # The drain already waited for requests; what is left gets 5 s before uvicorn closes it.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=5)
-    DrainingServer(config, app).run()
+    try:
+        DrainingServer(config, app).run()
+    finally:
+        tracing.shutdown()  # export the spans still buffered
     if app.state.startup_error:
         raise SystemExit(f"start-up failed: {app.state.startup_error}")

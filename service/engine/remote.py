@@ -217,7 +217,7 @@ class TritonEngine:
                 every = trajectory or progress is not None
                 yield {"model_name": self.model_name, "inputs": self._inputs(image, target, every=every)}
 
-            async for result, error in self._client().stream_infer(requests()):
+            async for result, error in self._client().stream_infer(requests(), headers=trace_headers() or None):
                 if error is not None:
                     raise _map_error(error)
                 rec, is_final, met = self._record(result)
@@ -266,6 +266,16 @@ class TritonEngine:
         for ids in token_ids:
             check_token_ids(ids, self.loaded.config.vq_codebook_size, self.limits)
         return await self.local.reconstruct(token_ids, deadline=deadline)
+
+
+def trace_headers() -> dict[str, str]:
+    """The active trace's W3C context (`traceparent`) as gRPC metadata, so Triton's own OpenTelemetry
+    spans join the caller's trace; {} when no trace is active (tracing off)."""
+    from opentelemetry.propagate import inject
+
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier
 
 
 def _map_error(error: Exception) -> Exception:

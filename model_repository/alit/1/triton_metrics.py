@@ -1,6 +1,6 @@
 """The engine's observer hooks as Triton custom metrics (served on Triton's own /metrics port).
 
-Same names, labels and buckets as the FastAPI service's engine metrics (service/metrics.py), so the
+Built from the same definitions as the FastAPI service's engine metrics (service/metric_defs.py), so the
 Grafana dashboard's engine panels work on a Triton deployment by scraping Triton's metrics port.
 Only importable inside Triton's Python-backend stub (it needs triton_python_backend_utils).
 """
@@ -11,35 +11,19 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
-from service.engine.observer import LATENCY_BUCKETS, EngineObserver
+from service.engine.observer import EngineObserver
+from service.metric_defs import REJECT_REASONS, engine_metrics
 
 
 class TritonMetrics(EngineObserver):
-    REJECT_REASONS = ("queue_full", "deadline", "cancelled", "step_failed", "stopped")
-
     def __init__(self, max_iters: int, max_batch: int, max_tokens: int, tokens_per_iter: int):
-        H, G, C = pb_utils.MetricFamily.HISTOGRAM, pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
-        family = pb_utils.MetricFamily
-        self._families = {
-            "stage": (family("alit_iteration_stage_seconds", "Time of one stage of one recurrent iteration for a "
-                             "cohort of images (iteration 0: VQGAN encode on admission)", H), LATENCY_BUCKETS),
-            "step": (family("alit_step_seconds", "Wall time of one scheduler step", H), LATENCY_BUCKETS),
-            "batch": (family("alit_step_batch_size", "Images advanced in one step", H),
-                      sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch})),
-            "queue": (family("alit_queue_depth", "Images waiting for admission", G), None),
-            "wait": (family("alit_queue_wait_seconds", "Time from submission to admission", H), LATENCY_BUCKETS),
-            "active": (family("alit_active_images", "Images in flight on a worker", G), None),
-            "halt": (family("alit_halting_iteration", "Iteration whose tokens an image returned", H),
-                     list(range(1, max_iters + 1))),
-            "tokens": (family("alit_tokens_per_image", "Tokens returned per image", H),
-                       list(range(tokens_per_iter, max_tokens + 1, tokens_per_iter))),
-            "images": (family("alit_images_total", "Images tokenized by the engine", C), None),
-            "rejected": (family("alit_rejected_total", "Requests refused or abandoned by the engine", C), None),
-            "healthy": (family("alit_worker_healthy", "1 when a worker is warm and serving", G), None),
-        }
+        kinds = {"histogram": pb_utils.MetricFamily.HISTOGRAM, "gauge": pb_utils.MetricFamily.GAUGE,
+                 "counter": pb_utils.MetricFamily.COUNTER}
+        self._families = {key: (pb_utils.MetricFamily(d.name, d.help, kinds[d.kind]), d.buckets)
+                          for key, d in engine_metrics(max_iters, max_batch, max_tokens, tokens_per_iter).items()}
         self._metrics: dict[tuple, object] = {}
         self._lock = threading.Lock()
-        for reason in self.REJECT_REASONS:
+        for reason in REJECT_REASONS:
             self._get("rejected", reason=reason)  # export zeros so rate() works from the start
 
     def _get(self, key: str, **labels):
