@@ -36,7 +36,7 @@ from service.bench import DEFAULT_IMAGES, workload  # noqa: E402
 from service.bench.live import drive, poisson  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.engine import Engine, EngineSettings, ModelLimits  # noqa: E402
-from service.engine.remote import TritonEngine  # noqa: E402
+from service.engine.triton_client import TritonEngine  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
 
 

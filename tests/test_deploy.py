@@ -76,7 +76,7 @@ def test_triton_extra_is_what_the_engine_imports():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert any(d.startswith("tritonclient[grpc]") for d in project["optional-dependencies"]["triton"])
-    remote = (ROOT / "service" / "engine" / "remote.py").read_text()
+    remote = (ROOT / "service" / "engine" / "triton_client.py").read_text()
     assert "tritonclient" in remote
 
 

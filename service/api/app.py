@@ -92,7 +92,7 @@ def build_state(settings: Settings) -> ServiceState:
                              "image_size": str(cfg.img_size), "max_tokens": str(cfg.max_tokens)})
     engine: EngineInterface
     if settings.engine == "triton":  # Triton tokenizes; this process keeps cache, auth, limits, /reconstruct
-        from ..engine.remote import TritonEngine
+        from ..engine.triton_client import TritonEngine
 
         local = engine_settings(settings, devices="cpu")
         local.warmup = False

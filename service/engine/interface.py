@@ -1,6 +1,6 @@
 """The engine interface: what the API (and Triton's model) may use of an engine. Two
 implementations: the in-process `Engine` (workers.py) and the Triton front `TritonEngine`
-(remote.py), which forwards tokenize calls to a Triton Inference Server."""
+(triton_client.py), which forwards tokenize calls to a Triton Inference Server."""
 
 from __future__ import annotations
 
