@@ -7,6 +7,7 @@ to read spans from an in-memory exporter.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -97,6 +98,10 @@ def test_in_memory_span_tree(tmp_path):
     try:
         app = create_app(Settings(model=str(FIXTURE / "checkpoint.pth"), devices="cpu", warmup=False, torch_threads=1))
         with TestClient(app) as client:
+            deadline = time.monotonic() + 60  # the model loads in the background (readyz: starting)
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the model did not load within 60 s"
+                time.sleep(0.05)
             headers = {"traceparent": f"00-{TRACE}-{PARENT}-01", "X-Request-ID": "tree-1"}
             data = {"tokens": "96", "include_reconstruction": "true"}
             r = client.post("/v1/tokenize", files={"file": ("a.png", PHOTO.read_bytes())}, data=data, headers=headers)
