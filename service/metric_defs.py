@@ -30,9 +30,10 @@ def engine_metrics(max_iters: int = 8, max_batch: int = 32, max_tokens: int = 25
     """The engine observer's series, keyed by the hook that feeds them (see EngineObserver)."""
     D = MetricDef
     return {
-        "stage": D("alit_iteration_stage_seconds", "histogram", "Time of one stage of one recurrent iteration for "
-                   "a cohort of images (iteration 0: outside the recurrence, i.e. VQGAN encode on admission and "
-                   "/reconstruct decoding)", ("iteration", "stage", "device"), LATENCY_BUCKETS),
+        "stage": D("alit_iteration_stage_seconds", "histogram", "Time of one stage spent on one recurrent iteration "
+                   "(a packed call over several iterations is apportioned by token share; iteration 0: outside "
+                   "the recurrence, i.e. VQGAN encode on admission and /reconstruct decoding)",
+                  ("iteration", "stage", "device"), LATENCY_BUCKETS),
         "step": D("alit_step_seconds", "histogram", "Wall time of one scheduler step", ("device",), LATENCY_BUCKETS),
         "batch": D("alit_step_batch_size", "histogram", "Images advanced (or reconstructed) in one step", ("device",),
                    tuple(sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch}))),

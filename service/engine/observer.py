@@ -13,7 +13,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 class EngineObserver:
     def stage(self, iteration: int, stage: str, seconds: float, device: str) -> None:
-        """Time of one stage (prepare | encoder | decoder | quality) of one iteration cohort."""
+        """Time of one stage (prepare | encoder | decoder | quality | pixels) spent on `iteration`
+        (a packed call over several iterations is apportioned to each by its share of the tokens)."""
 
     def step(self, batch_size: int, seconds: float, device: str) -> None:
         """A whole scheduler step: images advanced in it and wall time."""
