@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
 from service.bench import DEFAULT_IMAGES, workload  # noqa: E402
-from service.bench.live import drive, poisson  # noqa: E402
+from service.bench.live import drive
+from service.bench.workload import poisson  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.engine import Engine, EngineSettings, ModelLimits  # noqa: E402
 from service.engine.triton_client import TritonEngine  # noqa: E402

@@ -193,9 +193,14 @@ def triton_ports(tmp_path_factory):
     proc = start_ready(tmp_path_factory.mktemp("runtime"), ports, tmp_path_factory.mktemp("triton") / "tritonserver.log",
                        extra_env=env, timeout=120, exit_timeout=3)
     yield ports
+    terminate(proc, timeout=15)
+
+
+def terminate(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
     proc.terminate()
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

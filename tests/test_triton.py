@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURE
+from conftest import FIXTURE, terminate
 
 tritonclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient is part of the test extras")
 PHOTOS = sorted((FIXTURE / "images").rglob("*.*"))
@@ -263,9 +263,4 @@ def test_make_triton_and_serve_without_alit_model_agree_on_the_shipped_weights(t
         res = r.json()["results"][0]
         assert res["num_tokens"] > 0 and res["num_tokens"] % 32 == 0 and res["cached"] is False
     finally:
-        triton.terminate()
-        try:
-            triton.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            triton.kill()
-            triton.wait()
+        terminate(triton, timeout=20)

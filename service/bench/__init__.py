@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
                 _progress(f"Poisson {frac:.0%} of lock-step ({rate:.2f}/s): {name}, {n} requests", t0)
                 reqs = workload.requests(n, len(images), targets, l1, psnr, limits, seed=2)
                 res = live.run_strategy(loaded, name, settings, [(pixels[r.image], r.target) for r in reqs],
-                                        live.poisson(rate, n, seed=3))
+                                        workload.poisson(rate, n, seed=3))
                 res.update({"load_fraction_of_lockstep": frac, "offered_rate": rate,
                             "overloaded": rate >= s["saturation_throughput"]})
                 for k in ("iterations", "pixel_decodes"):

@@ -47,11 +47,6 @@ async def drive(engine: Engine, work: list[tuple[torch.Tensor, Target]], arrival
     return out
 
 
-def poisson(rate: float, n: int, seed: int) -> list[float]:
-    rng = np.random.default_rng(seed)
-    return list(np.cumsum(rng.exponential(1.0 / rate, size=n)))
-
-
 def run_strategy(loaded, strategy: str, settings: EngineSettings, work, arrivals) -> dict:
     s = EngineSettings(**{**settings.__dict__, "policy": strategy})
     eng = Engine(loaded, s).start()

@@ -27,7 +27,7 @@ from ..engine.observer import EngineObserver
 from ..engine.policies import make_policy
 from ..engine.scheduler import Scheduler
 from ..model.alit import ImageState, StepOutput
-from .workload import Request
+from .workload import Request, poisson
 
 
 @dataclass
@@ -147,11 +147,6 @@ def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limit
 def sim_cost_curve(costs: SimCosts, max_batch: int) -> CostCurve:
     """What `admission.measure_cost_curve` would measure on the simulated device."""
     return CostCurve({n: costs.call(costs.iteration_s, n) for n in sizes_up_to(max_batch)})
-
-
-def poisson(rate: float, n: int, seed: int) -> list[float]:
-    rng = np.random.default_rng(seed)
-    return list(np.cumsum(rng.exponential(1.0 / rate, size=n)))
 
 
 def compare(reqs: list[Request], limits: ModelLimits, saturation: int, n_poisson: int = 2000,

@@ -107,5 +107,11 @@ def requests(n: int, n_images: int, targets: list[Target], l1: np.ndarray, psnr:
     return out
 
 
+def poisson(rate: float, n: int, seed: int) -> list[float]:
+    """Arrival times (s) of n requests at `rate` per second, Poisson."""
+    rng = np.random.default_rng(seed)
+    return list(np.cumsum(rng.exponential(1.0 / rate, size=n)))
+
+
 def tensors(images: list[tuple[str, Image.Image]], size: int) -> torch.Tensor:
     return torch.stack([preprocess(img, size) for _, img in images])
