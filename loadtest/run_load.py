@@ -3,6 +3,7 @@ with Locust, and write a report (throughput, p50/p95/p99, error mix, cache hit r
 
     python loadtest/run_load.py --users 2 4 8 16 --seconds 30 --out docs/loadtest     # `make loadtest`
     python loadtest/run_load.py --url http://my-deployment:8000 --users 8 32
+    python loadtest/run_load.py --env ALIT_SCHEDULING=lockstep --out docs/loadtest/lockstep  # a baseline
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ def _metric(url: str, name: str, **labels) -> float:
     return total
 
 
-def start_local(tmp: Path, model: str | None) -> tuple[str, list[subprocess.Popen]]:
+def start_local(tmp: Path, model: str | None, extra_env: dict[str, str]) -> tuple[str, list[subprocess.Popen]]:
     from conftest import redis_binary
 
     rport, port = _free_port(), _free_port()
     redis = subprocess.Popen([redis_binary(), "--port", str(rport), "--save", "", "--appendonly", "no", "--dir", str(tmp)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**os.environ, "ALIT_PORT": str(port), "ALIT_REDIS_URL": f"redis://127.0.0.1:{rport}/0"}
+    env = {**os.environ, **extra_env, "ALIT_PORT": str(port), "ALIT_REDIS_URL": f"redis://127.0.0.1:{rport}/0"}
     if model:
         env["ALIT_MODEL"] = model
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env,
@@ -116,14 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--seconds", type=int, default=30)
     p.add_argument("--out", default="docs/loadtest")
+    p.add_argument("--env", nargs="*", default=[], metavar="ALIT_X=VALUE",
+                   help="settings for the local service, e.g. ALIT_SCHEDULING=lockstep")
     a = p.parse_args(argv)
+    bad = [e for e in a.env if "=" not in e]
+    if bad:
+        p.error(f"--env takes NAME=VALUE, got {bad}")
+    extra_env = dict(e.split("=", 1) for e in a.env)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="alit-load-"))
     procs: list[subprocess.Popen] = []
     url = a.url
     if url is None:
-        url, procs = start_local(tmp, a.model)
+        url, procs = start_local(tmp, a.model, extra_env)
     try:
         levels = []
         for users in a.users:
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=60)
-    (out / "report.json").write_text(json.dumps({"url": url if a.url else "local", "levels": levels}, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps({"url": url if a.url else "local", "env": extra_env, "levels": levels}, indent=2) + "\n")
     plot(levels, out / "report.png")
     print(f"wrote {out / 'report.json'} and {out / 'report.png'}")
     return 0

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, ge=1, description="Images in flight per worker (continuous batching).")
     max_queue: int = Field(256, ge=1,
                            description="Images waiting for admission; beyond it requests get 503 + Retry-After.")
+    scheduling: Literal["continuous", "lockstep", "reference"] = Field(
+        "continuous", description="`continuous` (images join and leave at every iteration); `lockstep` (a batch runs "
+                                  "until its last image is done) and `reference` (one image at a time) are the "
+                                  "benchmark baselines, to compare the whole service under each.")
     batch_mode: Literal["packed", "cohort", "padded"] = Field(
         "packed", description="Mixed iterations: packed tokens (attention per image), same-length cohorts, or one "
                               "padded call.")
@@ -110,7 +114,8 @@ def engine_settings(settings: Settings, devices: str | None = None) -> EngineSet
     `devices` replaces `settings.devices` (Triton assigns each model instance its device)."""
     return EngineSettings(
         devices=settings.devices if devices is None else devices, max_batch=settings.max_batch,
-        max_queue=settings.max_queue, batch_mode=settings.batch_mode, halting=settings.halting, dtype=settings.dtype,
+        max_queue=settings.max_queue, policy=settings.scheduling, batch_mode=settings.batch_mode,
+        halting=settings.halting, dtype=settings.dtype,
         warmup=settings.warmup, admission=settings.admission,
     )
 
