@@ -66,11 +66,13 @@ def _verify(args: argparse.Namespace) -> int:
         print("error: --device cuda requested but torch sees no CUDA device", file=sys.stderr)
         return 2
     try:
-        report = verify(args.fixture, device=args.device, dtype=args.dtype, batch_mode=args.batch_mode)
+        report = verify(args.fixture, device=args.device, dtype=args.dtype, batch_mode=args.batch_mode,
+                        compiled=args.compile)
     except (CheckpointError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"fixture {args.fixture} on {args.device} ({args.dtype}, {args.batch_mode} batching)")
+    print(f"fixture {args.fixture} on {args.device} ({args.dtype}, {args.batch_mode} batching"
+          f"{', compiled' if args.compile else ''})")
     print(report.table())
     return 0 if report.ok else 1
 
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     v.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
+    v.add_argument("--compile", action="store_true", help="torch.compile the model first (as ALIT_COMPILE)")
     v.set_defaults(func=_verify)
 
     t = sub.add_parser("tokenize", help="tokenize an image with a running server")

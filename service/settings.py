@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     admission: Literal["max_batch", "measured"] = Field(
         "max_batch", description="Images in flight per worker: up to `max_batch`, or up to the knee of the step-cost "
                                  "curve measured at warm-up.")
+    compile: bool = Field(False, description="`torch.compile` the model's per-token and VQGAN parts (dynamic shapes; "
+                                             "compiled during warm-up); measured in docs/benchmarks.md.")
     halting: bool = Field(True, description="2D-token dynamic halting during encoding, as the published model runs.")
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$",
                        description="Compute precision (autocast) on the workers.")
@@ -116,7 +118,7 @@ def engine_settings(settings: Settings, devices: str | None = None) -> EngineSet
         devices=settings.devices if devices is None else devices, max_batch=settings.max_batch,
         max_queue=settings.max_queue, policy=settings.scheduling, batch_mode=settings.batch_mode,
         halting=settings.halting, dtype=settings.dtype,
-        warmup=settings.warmup, admission=settings.admission,
+        warmup=settings.warmup, admission=settings.admission, compile=settings.compile,
     )
 
 

@@ -17,6 +17,7 @@ import torch
 
 from .model.alit import ALIT, BatchMode, reference_stop_iteration
 from .model.checkpoint import build_model, read_config_file, read_state_dict
+from .model.compile import compile_model
 from .model.measure import iterate_and_measure
 from .model.precision import precision
 
@@ -100,11 +101,13 @@ def run_iterations(model: ALIT, images: torch.Tensor, halting: bool = False, thr
 
 
 def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32",
-           batch_mode: BatchMode = "packed") -> Report:
+           batch_mode: BatchMode = "packed", compiled: bool = False) -> Report:
     fx = Path(fixture)
     cfg = read_config_file(fx / "config.json")
     model = build_model(cfg, read_state_dict(fx / "checkpoint.pth")).to(device)
     model.batch_mode = batch_mode
+    if compiled:
+        compile_model(model)
     exp = np.load(fx / "expected.npz")
     rep = Report("float32" if dtype == "float32" else "reduced")
     images = torch.from_numpy(exp["input"]).to(device)

@@ -62,12 +62,18 @@ def run(coro):
 
 
 @pytest.mark.parametrize("halting", [False, True])
-@pytest.mark.parametrize("mode", ["cohort", "padded"])
+@pytest.mark.parametrize("mode", ["cohort", "padded", "packed+compile"])
 def test_concurrent_mixed_targets_equal_single_image_results(loaded, images, halting, mode):
+    """Packed (the default) is covered by the batching and halting-selection tests; here also packed
+    under torch.compile (ALIT_COMPILE), against the plain model's single-image answers."""
     jobs = [(i % 7, TARGETS[i % len(TARGETS)]) for i in range(30)]
+    batch_mode, compiled = mode.split("+")[0], mode.endswith("+compile")
 
     async def go():
-        eng = Engine(loaded, EngineSettings(devices="cpu", halting=halting, batch_mode=mode, max_batch=8)).start()
+        eng = Engine(loaded, EngineSettings(devices="cpu", halting=halting, batch_mode=batch_mode, max_batch=8,
+                                            compile=compiled)).start()
+        if compiled:
+            assert eng.workers[0].runner.model is not loaded.model  # compiled on a copy, not in place
         try:
             tasks = []
             for b, t in jobs:  # staggered arrivals: images join at different iterations

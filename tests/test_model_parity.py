@@ -27,6 +27,12 @@ def test_verify_passes_on_the_fixture_in_every_batch_mode(fixture_dir):
         assert all(r.compared > 0 for r in report.rows)
 
 
+def test_verify_passes_on_the_fixture_compiled(fixture_dir):
+    report = verify(fixture_dir, compiled=True)  # ALIT_COMPILE: torch.compile of the packed blocks and VQGAN
+    assert report.ok, report.table()
+    assert all(r.compared > 0 for r in report.rows)
+
+
 def test_injected_draws_reproduce_the_halting_runs(ref_model, images, fixture_dir):
     for name in ("expected_halting_seed0.npz", "expected_halting_seed0_thr0.npz"):
         h = np.load(fixture_dir / name)

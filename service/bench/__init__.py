@@ -10,6 +10,7 @@ Poisson load, and finally the same strategies on a SIMULATED GPU-like device (se
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -40,6 +41,10 @@ def run(args: argparse.Namespace) -> dict:
     loaded = resolve(args.model)
     cfg = loaded.config
     model = loaded.model.to(args.device).eval()
+    if args.compile:  # the profile (and so the efficiency's ideal) of the model the engine runs
+        from ..model.compile import compile_model
+
+        model = compile_model(copy.deepcopy(model))
     limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
     images = workload.corpus(workload.load_folder(args.images), args.crops)
     pixels = workload.tensors(images, cfg.img_size)
@@ -57,14 +62,15 @@ def run(args: argparse.Namespace) -> dict:
               f"pixel decode {prof.pixel_decode_s * 1e3:.2f} ms", t0)
     settings = EngineSettings(devices=args.device, max_batch=args.max_batch, max_queue=1_000_000,
                               batch_mode=args.batch_mode, halting=not args.no_halting, dtype=args.dtype,
-                              lockstep_max_delay=args.max_delay, admission=args.admission)
+                              lockstep_max_delay=args.max_delay, admission=args.admission, compile=args.compile)
     report: dict = {
         "model": {"spec": args.model, "fingerprint": loaded.fingerprint[:16], "img_size": cfg.img_size},
         "machine": {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine(),
                     "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
         "settings": {"max_batch": args.max_batch, "batch_mode": args.batch_mode, "halting": not args.no_halting,
-                     "lockstep_max_delay_s": args.max_delay, "dtype": args.dtype, "admission": args.admission},
+                     "lockstep_max_delay_s": args.max_delay, "dtype": args.dtype, "admission": args.admission,
+                     "compile": args.compile},
         "workload": {"images": str(args.images), "corpus_images": len(images),
                      "targets": [t.to_dict() for t in targets]},
         "profile": prof.to_dict(),
@@ -196,6 +202,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admission", default="max_batch", choices=["max_batch", "measured"],
                    help="continuous batching's in-flight limit: max_batch, or the knee of a cost curve "
                         "measured at warm-up")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (ALIT_COMPILE)")
     p.add_argument("--no-halting", action="store_true", help="turn 2D-token halting off")
     p.add_argument("--crops", type=int, default=24)
     p.add_argument("--saturation-requests", type=int, help="default 256 (--quick: 128)")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
+from ..model.compile import compile_model
 from .admission import CostCurve, measure_cost_curve
 from .errors import EngineStopped, QueueFull
 from .jobs import Job, ReconstructJob, TokenizeJob
@@ -64,6 +65,7 @@ class EngineSettings:
     lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill
     warmup: bool = True
     admission: str = "max_batch"  # max_batch | measured: in flight up to the cost curve's knee (at warm-up)
+    compile: bool = False  # torch.compile the model's per-token and VQGAN parts (model/compile.py)
 
 
 class WorkQueue:
@@ -127,14 +129,20 @@ class Worker(threading.Thread):
         return len(self.scheduler.active)
 
     def warm_up(self) -> None:
-        """One image through every iteration with a quality target: compiles kernels, fills caches."""
+        """One image through every iteration with a quality target: fills caches. With `compile`, also
+        2 and max-batch images: compiled graphs are specialised to batch-size ranges (1; 2-15; 16 and
+        more for the VQGAN's convolutions on a CPU), so serving never waits for a compilation."""
         cfg = self.runner.model.cfg
-        img = torch.rand(3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
-        job = TokenizeJob(image=img, target=Target(max_l1=1e-9))  # never met: runs every iteration
-        self.scheduler.step([job])
-        while self.scheduler.active:
-            self.scheduler.step([])
-        job.future.result(timeout=0)
+        gen = torch.Generator().manual_seed(0)
+        sizes = (1, 2, self.scheduler.policy.max_batch) if self.engine.settings.compile else (1,)
+        for n in sizes:
+            jobs = [TokenizeJob(image=torch.rand(3, cfg.img_size, cfg.img_size, generator=gen),
+                                target=Target(max_l1=1e-9)) for _ in range(n)]  # never met: runs every iteration
+            self.scheduler.step(list(jobs))
+            while self.scheduler.active:
+                self.scheduler.step([])
+            for job in jobs:
+                job.future.result(timeout=0)
         if self.engine.settings.admission == "measured":
             st = self.engine.settings
             self.cost_curve = measure_cost_curve(self.runner, self.engine.limits, st.max_batch, st.halting)
@@ -188,8 +196,11 @@ class Engine:
     # ----- lifecycle --------------------------------------------------------------------------------
     def start(self) -> Engine:
         for dev in resolve_devices(self.settings.devices):
-            model = self.loaded.model if dev == "cpu" and len(self.workers) == 0 else copy.deepcopy(self.loaded.model)
-            w = Worker(self, dev, model.to(dev).eval())
+            shared = dev == "cpu" and not self.workers and not self.settings.compile  # compiling changes the model
+            model = (self.loaded.model if shared else copy.deepcopy(self.loaded.model)).to(dev).eval()
+            if self.settings.compile:
+                compile_model(model)
+            w = Worker(self, dev, model)
             if self.settings.warmup:
                 w.warm_up()
             else:

@@ -62,19 +62,18 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
 
-    def forward_packed(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        """`x` (N, W) holds several sequences back to back; `groups` lists (start row, count, length)
-        runs of same-length sequences. Projections run once over all N rows; attention per run."""
-        w = x.shape[-1]
+    def attend_packed(self, qkv: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        """`qkv` (N, 3W): the projections of several sequences back to back; `groups` lists (start
+        row, count, length) runs of same-length sequences. Attention per run; (N, W) before out_proj."""
+        w = qkv.shape[-1] // 3
         d = w // self.heads
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         ys = []
         for start, count, length in groups:
             part = qkv[start : start + count * length].view(count, length, 3 * w)
             q, k, v = (t.view(count, length, self.heads, d).transpose(1, 2) for t in part.split(w, dim=-1))
             y = F.scaled_dot_product_attention(q, k, v)
             ys.append(y.transpose(1, 2).reshape(count * length, w))
-        return self.out_proj(ys[0] if len(ys) == 1 else torch.cat(ys))
+        return ys[0] if len(ys) == 1 else torch.cat(ys)
 
 
 class MLP(nn.Module):
@@ -95,14 +94,28 @@ class Block(nn.Module):
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio)
+        self.token_fns: tuple[Callable, Callable] = (attention_inputs, after_attention)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), key_mask)
         return x + self.mlp(self.ln_2(x))
 
     def forward_packed(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        x = x + self.attn.forward_packed(self.ln_1(x), groups)
-        return x + self.mlp(self.ln_2(x))
+        """`x` (N, W): several sequences back to back (see `pack`). Everything but attention works per
+        token, in the two functions of `token_fns` (plain, or compiled: model/compile.py)."""
+        before, after = self.token_fns
+        return after(self, x, self.attn.attend_packed(before(self, x), groups))
+
+
+def attention_inputs(blk: Block, x: torch.Tensor) -> torch.Tensor:
+    """A packed block's first per-token part: ln_1 and the q/k/v projection, (N, 3W)."""
+    return F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+
+
+def after_attention(blk: Block, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A packed block's second per-token part: out projection, residual, ln_2, MLP, residual."""
+    x = x + blk.attn.out_proj(y)
+    return x + blk.mlp(blk.ln_2(x))
 
 
 Seq = torch.Tensor | tuple[torch.Tensor, ...]  # a sequence, or the pieces it is the concatenation of
