@@ -201,8 +201,12 @@ def test_a_poison_image_fails_alone_and_its_batch_mates_get_their_results(loaded
 
         eng.set_fault_hook(hook)
         try:
-            jobs = [eng.tokenize(images[i % len(images)], targets[i % 4], tag="poison" if poison and i == 3 else None)
-                    for i in range(8)]
+            with eng.queue._cv:  # the worker takes nothing until all eight are queued (the lock is re-entrant)
+                jobs = [asyncio.ensure_future(eng.tokenize(images[i % len(images)], targets[i % 4],
+                                                           tag="poison" if poison and i == 3 else None))
+                        for i in range(8)]
+                while len(eng.queue) < 8:
+                    await asyncio.sleep(0)
             return await asyncio.gather(*jobs, return_exceptions=True), max(calls)
         finally:
             eng.shutdown()

@@ -59,12 +59,14 @@ class ServiceState:
     async def drain(self, timeout: float) -> bool:
         """After a shutdown signal: refuse new requests, let the ones received before it finish
         (they may still hand work to the engine: a tokenize, then its reconstruction), then drain
-        the engine (`engine.drain`: it takes no more work and finishes what it holds).
+        the engine (`engine.drain`: it takes no more work, finishes what it holds, and fails what
+        is left at the timeout, so those requests are answered 503 `draining`). A dead engine
+        worker ends the wait at once: its requests could never finish.
         True when everything finished within `timeout` seconds."""
         self.start_draining()
         deadline = time.monotonic() + timeout
         await asyncio.sleep(0.05)  # let requests that were just accepted register
-        while self.inflight > 0 and time.monotonic() < deadline:  # HTTP requests, not engine work
+        while self.inflight > 0 and self.engine.live and time.monotonic() < deadline:  # HTTP requests
             await asyncio.sleep(0.05)
         engine_done = await self.engine.drain(max(0.0, deadline - time.monotonic()))
         return engine_done and self.inflight == 0

@@ -212,14 +212,27 @@ class Engine:
         return self
 
     async def drain(self, timeout: float) -> bool:
-        """Stop taking work; wait until queued and in-flight images are done (or the timeout)."""
+        """Stop taking work; wait until queued and in-flight images are done. At the timeout (or at
+        once when a dead worker means its work can never finish) whatever is left fails with
+        EngineStopped, so every caller gets an answer (503 `draining` at the API), and it returns False."""
         self.accepting = False
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.busy:
-                return True
+        while self.busy and self.live and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if not self.busy:
+            return True
+        self._abandon(EngineStopped("the server is shutting down and this work did not finish in time; retry"))
         return False
+
+    def _abandon(self, err: EngineStopped) -> None:
+        """Fail every queued and running job with `err` (a worker still stepping a failed job drops it)."""
+        left: list[Job] = self.queue.take(len(self.queue), wait=0)
+        for w in self.workers:
+            left += list(w.scheduler.active)
+        for j in left:
+            if not j.future.done():
+                self.observer.rejected("stopped")
+                j.fail(err)
 
     def shutdown(self) -> None:
         self.accepting = False
