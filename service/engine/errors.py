@@ -29,4 +29,5 @@ class EngineStopped(EngineError):
 
 
 class EngineUnavailable(EngineError):
-    """The remote engine (Triton) cannot be reached or serves another model (-> 503 + Retry-After)."""
+    """The remote engine (Triton) cannot be reached or serves another model, or no worker thread of
+    the in-process engine is left alive (-> 503 + Retry-After)."""

@@ -24,7 +24,7 @@ import torch
 from ..model.checkpoint import LoadedModel
 from ..model.compile import compile_model
 from .admission import CostCurve, measure_cost_curve
-from .errors import EngineStopped, QueueFull
+from .errors import EngineError, EngineStopped, EngineUnavailable, QueueFull
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
 from .policies import make_policy
@@ -155,6 +155,13 @@ class Worker(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if not self._stop_event.is_set():  # the thread is dying (not stopped): answer what it held
+                self.engine.worker_died(self)
+
+    def _serve(self) -> None:
         q, s = self.engine.queue, self.scheduler
         fill_wait = s.policy.fill_wait
         while not self._stop_event.is_set():
@@ -224,15 +231,24 @@ class Engine:
         self._abandon(EngineStopped("the server is shutting down and this work did not finish in time; retry"))
         return False
 
-    def _abandon(self, err: EngineStopped) -> None:
-        """Fail every queued and running job with `err` (a worker still stepping a failed job drops it)."""
-        left: list[Job] = self.queue.take(len(self.queue), wait=0)
-        for w in self.workers:
+    def _abandon(self, err: EngineError, workers: list[Worker] | None = None, queued: bool = True) -> None:
+        """Fail with `err` the jobs running on `workers` (default: all) and, with `queued`, the queued
+        ones (a worker still stepping a failed job drops it)."""
+        left: list[Job] = self.queue.take(len(self.queue), wait=0) if queued else []
+        for w in self.workers if workers is None else workers:
             left += list(w.scheduler.active)
         for j in left:
             if not j.future.done():
                 self.observer.rejected("stopped")
                 j.fail(err)
+
+    def worker_died(self, w: Worker) -> None:
+        """A worker thread ended by an error that escaped its loop: its images are answered at once
+        (503 `engine_unavailable`), and the queued ones too when no worker is left to take them."""
+        log.error("worker %s died: %s", w.device, w.last_error or "an error escaped its loop")
+        last = not any(o.is_alive() for o in self.workers if o is not w)
+        self._abandon(EngineUnavailable(f"the engine worker on {w.device} died; the process needs a restart "
+                                        "(its liveness probe fails)"), [w], queued=last)
 
     def shutdown(self) -> None:
         self.accepting = False
@@ -297,6 +313,10 @@ class Engine:
         if not self.accepting:
             self.observer.rejected("stopped")
             raise EngineStopped("the engine is draining or stopped and takes no new work")
+        if self.workers and not any(w.is_alive() for w in self.workers if w.ident is not None):
+            self.observer.rejected("stopped")
+            raise EngineUnavailable("every engine worker has died; the process needs a restart "
+                                    "(its liveness probe fails)")
         self.queue.put(jobs, self.retry_after())
 
     def _submit(self, jobs: list[Job]) -> list[asyncio.Future]:
