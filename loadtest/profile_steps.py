@@ -52,7 +52,7 @@ def main() -> None:
 
     def drain(queue):
         steps = 0
-        while queue or sched.active:
+        while queue or sched.holding:
             take = sched.capacity()
             new, queue[:] = queue[:take], queue[take:]
             sched.step(new)

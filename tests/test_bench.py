@@ -35,6 +35,8 @@ def test_simulated_gpu_continuous_beats_lockstep_beats_reference(measured):
     r = simulate.compare(reqs, limits, saturation=32, n_poisson=1500)
     ref, lock, cont = (r[n] for n in ("reference", "lockstep", "continuous"))
     assert cont["saturation_throughput"] > lock["saturation_throughput"] > ref["saturation_throughput"]
+    # encoding ahead in batches keeps the VQGAN encode out of most steps (1.08x before it, 1.59x with it)
+    assert cont["saturation_throughput"] >= 1.4 * lock["saturation_throughput"]
     assert cont["p99_at_70pct_lockstep_load"] < lock["p99_at_70pct_lockstep_load"]
     assert cont["p50_at_70pct_lockstep_load"] < lock["p50_at_70pct_lockstep_load"]
 
@@ -62,6 +64,10 @@ def test_policies_admit_as_their_strategy_says():
     lk = make_policy("lockstep", 32, 0.02)
     assert isinstance(lk, Lockstep) and lk.capacity(0) == 32 and lk.capacity(1) == 0 and lk.fill_wait == 0.02
     assert isinstance(make_policy("reference", 32), Reference) and Reference().capacity(0) == 1
+    # what to take from the queue: continuous batching encodes ahead (a full limit once the encoded
+    # images cannot fill the free slots), the baselines take just what fills their slots
+    assert c.to_take(active=10, ready=2) == 14 and c.to_take(active=10, ready=6) == 0
+    assert lk.to_take(0, 0) == 32 and lk.to_take(5, 0) == 0 and Reference().to_take(0, 0) == 1
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         make_policy("fifo", 32)
 

@@ -119,13 +119,13 @@ def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limit
             job.future.add_done_callback(lambda f: iterations.append(f.result().iterations))
             queue.append((at, job))
 
-    while pending or queue or sched.active:
+    while pending or queue or sched.holding:
         arrive(clock.now)
-        if not queue and not sched.active:
+        if not queue and not sched.holding:
             clock.now = pending[0][0]
             continue
         cap = sched.capacity()
-        if cap and policy.fill_wait and not sched.active:  # a batcher waits (virtually) to fill
+        if cap and policy.fill_wait and not sched.holding:  # a batcher waits (virtually) to fill
             fill_by = clock.now + policy.fill_wait
             while len(queue) < cap and pending and pending[0][0] <= fill_by:
                 clock.now = max(clock.now, pending[0][0])
@@ -134,7 +134,7 @@ def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limit
                 clock.now = max(clock.now, fill_by)
                 arrive(clock.now)
         new = [queue.popleft()[1] for _ in range(min(cap, len(queue)))]
-        if not new and not sched.active:
+        if not new and not sched.holding:
             continue
         sched.step(new)  # type: ignore[arg-type]
     lat = np.array(latencies)

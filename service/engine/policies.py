@@ -3,7 +3,8 @@ an image's iterations are checked. Small classes, one per strategy; the schedule
 branches on a name.
 
   continuous  this engine: new images join at every iteration boundary, each leaves as soon as its
-              target is met; admission bounded by what buys throughput (see `CostCurve`);
+              target is met; admission bounded by what buys throughput (see `CostCurve`); their
+              VQGAN encodes batched ahead (`to_take`);
   lockstep    request-level dynamic batching, as a Triton-style batcher: a batch forms (max size,
               max delay) and runs until its last image is done; nothing joins meanwhile;
   reference   one image at a time, every iteration decoded to pixels, the target applied after
@@ -26,8 +27,13 @@ class Policy:
     runs_to_cap: ClassVar[bool] = False  # keep iterating after the target is met
 
     def capacity(self, active: int) -> int:
-        """Images that may be admitted now, with `active` images running."""
+        """Images that may start iterating now, with `active` images running."""
         return max(0, self.max_batch - active)
+
+    def to_take(self, active: int, ready: int) -> int:
+        """Waiting images to take from the queue now (encoded at once, in one call), with `active`
+        images running and `ready` encoded ones waiting for a slot: by default just what fills the slots."""
+        return max(0, self.capacity(active) - ready)
 
     def calibrate(self, knee: int) -> None:
         """The measured cost curve's knee (see admission.py); only continuous batching uses it."""
@@ -38,9 +44,18 @@ class Continuous(Policy):
     name: ClassVar[str] = "continuous"
     in_flight_limit: int | None = None  # from the worker's measured cost curve (admission.py)
 
+    @property
+    def limit(self) -> int:
+        return self.max_batch if self.in_flight_limit is None else min(self.max_batch, self.in_flight_limit)
+
     def capacity(self, active: int) -> int:
-        limit = self.max_batch if self.in_flight_limit is None else min(self.max_batch, self.in_flight_limit)
-        return max(0, limit - active)
+        return max(0, self.limit - active)
+
+    def to_take(self, active: int, ready: int) -> int:
+        """Encode ahead: once the encoded images cannot fill the free slots, take up to a full batch,
+        so the VQGAN encode runs as one large call every few steps instead of a small one every step
+        (under light load that is what is waiting, at once: nothing waits for a batch to form)."""
+        return 0 if ready >= self.capacity(active) else max(0, self.limit - ready)
 
     def calibrate(self, knee: int) -> None:
         self.in_flight_limit = knee

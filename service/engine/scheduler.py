@@ -1,16 +1,18 @@
 """Deciding, one step at a time on one device: which images run, which are admitted, which retire.
 
 Each `Scheduler.step` (run by one worker thread) does, in order:
-1. drop running or newly admitted jobs whose deadline passed or whose client went away;
-2. admit the new jobs (one batched VQGAN encode, `ModelRunner.prepare`);
+1. drop running, encoded or newly taken jobs whose deadline passed or whose client went away;
+2. encode the new jobs (one batched VQGAN encode, `ModelRunner.prepare`) into the `ready` list,
+   and start as many ready images as the policy has free slots, oldest first;
 3. advance every running image by one iteration in ONE packed model call, whatever its iteration
    (2D-token halting included when enabled);
 4. measure quality only where a target needs it, in ONE pixel-decode call for the whole step, with
    the step's `/reconstruct` jobs riding along;
 5. retire every image whose answer is determined (`Target.select`), resolving its future at once;
    the rest stay for the next step, where new images join them.
-How many images a worker takes is its `Policy`'s call (continuous, lockstep, reference); executing
-the model calls is the `ModelRunner`'s.
+How many images a worker takes and starts is its `Policy`'s call (continuous, lockstep, reference;
+continuous batching takes more than its free slots to encode ahead in large calls); executing the
+model calls is the `ModelRunner`'s.
 """
 
 from __future__ import annotations
@@ -41,13 +43,20 @@ class Scheduler:
         self.halting = halting
         self.observer = observer
         self.limits = limits
-        self.active: list[TokenizeJob] = []
+        self.active: list[TokenizeJob] = []  # iterating
+        self.ready: list[TokenizeJob] = []  # encoded, waiting for a slot (oldest first)
         self.steps = 0
         self.step_time = 0.05  # EWMA of step wall time, seconds (for Retry-After estimates)
         self.pixel_decodes = 0
 
     def capacity(self) -> int:
-        return self.policy.capacity(len(self.active))
+        """Jobs to take from the queue now."""
+        return self.policy.to_take(len(self.active), len(self.ready))
+
+    @property
+    def holding(self) -> int:
+        """Images this scheduler holds: iterating or encoded."""
+        return len(self.active) + len(self.ready)
 
     # ----- one step ------------------------------------------------------------------------------------
     def step(self, new_jobs: list[Job]) -> None:
@@ -55,12 +64,13 @@ class Scheduler:
         now = time.monotonic()
         new_jobs = [j for j in new_jobs if self._still_wanted(j, now)]
         self.active = [j for j in self.active if self._still_wanted(j, now)]
+        self.ready = [j for j in self.ready if self._still_wanted(j, now)]
         for j in new_jobs:
             j.admitted = now
             self.observer.queue_wait(now - j.submitted)
         tok_new = [j for j in new_jobs if isinstance(j, TokenizeJob)]
         rec_new = [j for j in new_jobs if isinstance(j, ReconstructJob)]
-        in_step: list[Job] = [*self.active, *new_jobs]
+        in_step: list[Job] = [*self.active, *self.ready, *new_jobs]
         stepped = 0
         if not in_step:  # everything left was cancelled or expired
             self.observer.active(self.device, 0)
@@ -69,6 +79,9 @@ class Scheduler:
             with torch.inference_mode(), self.runner.precision():
                 if tok_new:
                     self._admit(tok_new)
+                start = self.policy.capacity(len(self.active))
+                self.active += self.ready[:start]
+                self.ready = self.ready[start:]
                 stepped = len(self.active)
                 self._iterate(list(self.active), rec_new)
         except Exception as e:  # not a model call (those fail per image): fail this step's images
@@ -76,7 +89,7 @@ class Scheduler:
             for j in in_step:
                 if not j.future.done():
                     j.fail(err)
-            self.active = []
+            self.active, self.ready = [], []
             self.observer.rejected("step_failed")
             raise
         finally:
@@ -115,13 +128,14 @@ class Scheduler:
         if isinstance(j, TokenizeJob):
             j.state = None
             self.active = [a for a in self.active if a is not j]
+            self.ready = [a for a in self.ready if a is not j]
 
     def _admit(self, jobs: list[TokenizeJob]) -> None:
         t = time.monotonic()
         for j, s in self._ok(jobs, self.runner.prepare(jobs)):
             j.state = s
             j.compute_started = t
-            self.active.append(j)
+            self.ready.append(j)
 
     def _iterate(self, jobs: list[TokenizeJob], reconstruct: list[ReconstructJob]) -> None:
         stepped: list[tuple[TokenizeJob, StepOutput]] = (

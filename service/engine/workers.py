@@ -126,7 +126,7 @@ class Worker(threading.Thread):
 
     @property
     def load(self) -> int:
-        return len(self.scheduler.active)
+        return self.scheduler.holding
 
     def warm_up(self) -> None:
         """One image through every iteration with a quality target: fills caches. With `compile`, also
@@ -139,7 +139,7 @@ class Worker(threading.Thread):
             jobs = [TokenizeJob(image=torch.rand(3, cfg.img_size, cfg.img_size, generator=gen),
                                 target=Target(max_l1=1e-9)) for _ in range(n)]  # never met: runs every iteration
             self.scheduler.step(list(jobs))
-            while self.scheduler.active:
+            while self.scheduler.holding:
                 self.scheduler.step([])
             for job in jobs:
                 job.future.result(timeout=0)
@@ -166,13 +166,13 @@ class Worker(threading.Thread):
         fill_wait = s.policy.fill_wait
         while not self._stop_event.is_set():
             cap = s.capacity()
-            idle = not s.active
+            idle = not s.holding
             new = q.take(cap, wait=0.05 if idle else 0.0) if cap else []
             if fill_wait and new and idle:  # a request-level batcher waits briefly to fill the batch
                 deadline = time.monotonic() + fill_wait
                 while len(new) < cap and (left := deadline - time.monotonic()) > 0:
                     new += q.take(cap - len(new), wait=left)
-            if not new and not s.active:
+            if not new and not s.holding:
                 continue
             try:
                 s.step(new)
@@ -236,7 +236,7 @@ class Engine:
         ones (a worker still stepping a failed job drops it)."""
         left: list[Job] = self.queue.take(len(self.queue), wait=0) if queued else []
         for w in self.workers if workers is None else workers:
-            left += list(w.scheduler.active)
+            left += [*w.scheduler.active, *w.scheduler.ready]
         for j in left:
             if not j.future.done():
                 self.observer.rejected("stopped")
@@ -288,7 +288,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return len(self.queue) > 0 or any(w.scheduler.active for w in self.workers)
+        return len(self.queue) > 0 or any(w.scheduler.holding for w in self.workers)
 
     def set_fault_hook(self, hook) -> None:
         """Tests and fault drills: `hook(jobs)` runs before every model call and may raise."""
