@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     triton_url: str = Field("127.0.0.1:8011", description="Triton gRPC address when `ALIT_ENGINE=triton`.")
     devices: str = Field("auto",
                          description="`auto` (every GPU, else CPU), `cpu`, or `cuda:0,cuda:1`: one worker each.")
-    max_batch: int = Field(32, ge=1, description="Images in flight per worker (continuous batching).")
+    max_batch: int = Field(32, ge=1, description="Images iterating per worker (continuous batching); up to as many "
+                                                 "more may wait encoded for a slot.")
     max_queue: int = Field(256, ge=1,
                            description="Images waiting for admission; beyond it requests get 503 + Retry-After.")
     scheduling: Literal["continuous", "lockstep", "reference"] = Field(
