@@ -112,3 +112,17 @@ def test_liveness_fails_once_a_worker_thread_died(start_server):
     r = httpx.get(srv.url + "/healthz", timeout=30)
     assert r.status_code == 503 and "died" in r.json()["error"]["message"], r.text
     assert httpx.get(srv.url + "/readyz", timeout=30).status_code == 503
+
+
+def test_no_request_outlives_its_deadline_even_inside_a_long_step(start_server):
+    # every iteration takes 5 s more: the engine only sees the deadline at its next step, 5 s later;
+    # the API answers 504 one second after the deadline whatever the engine is doing
+    srv = start_server(warmup="false", env=slow_env(ALIT_TEST_STEP_DELAY_S="5"))
+    png = sorted((FIXTURE / "images").rglob("*.png"))[0].read_bytes()
+    t = time.monotonic()
+    r = httpx.post(srv.url + "/v1/tokenize", files={"file": ("a.png", png)}, data={"tokens": "64"},
+                   headers={"X-Request-Timeout": "0.5"}, timeout=30)
+    elapsed = time.monotonic() - t
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    assert elapsed < 3.5, f"answered after {elapsed:.1f}s; the deadline was 0.5 s"
+    assert "no answer by the request's deadline" in srv.log.read_text()

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import time
 from typing import Any, cast
 
@@ -16,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import tracing
-from ..engine import IterationRecord, Target
+from ..engine import DeadlineExceeded, IterationRecord, Target
 from ..imaging import to_png
 from ..model.presets import preset_name_of
 from .auth import require_key
@@ -35,6 +36,7 @@ from .schemas import (
 )
 
 router = APIRouter()
+log = logging.getLogger("alit.api")
 ERRORS: dict[int | str, dict[str, Any]] = {code: {**v, "model": ErrorResponse} for code, v in ERROR_RESPONSES.items()}
 TOKENIZE_BODY = {  # the route reads its body by content type, so FastAPI cannot infer it; both are pydantic models
     "requestBody": {
@@ -204,16 +206,20 @@ async def tokenize(request: Request):
         return await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
 
     results = await _unless_disconnected(request, asyncio.gather(*(one(*p) for p in prepared),
-                                                                  return_exceptions=True))
+                                                                  return_exceptions=True), deadline)
     for r in results:  # the first failure decides the response; the rest finished or were cancelled
         if isinstance(r, BaseException):
             raise r
     return JSONResponse({"model": svc.model_ref, "results": results})
 
 
-async def _unless_disconnected(request: Request, awaitable, poll_s: float = 0.25):
+DEADLINE_GRACE_S = 1.0  # past the deadline, time for the engine's own deadline answer to arrive
+
+
+async def _unless_disconnected(request: Request, awaitable, deadline: float | None = None, poll_s: float = 0.25):
     """Await `awaitable`, cancelling it when the client goes away, so its images free their slots
-    at the next engine step instead of computing for nobody."""
+    at the next engine step instead of computing for nobody — or once `deadline` (plus a grace) has
+    passed, answered 504: no request outlives its deadline, whatever it is waiting on."""
     task = asyncio.ensure_future(awaitable)
     try:
         while True:
@@ -223,6 +229,13 @@ async def _unless_disconnected(request: Request, awaitable, poll_s: float = 0.25
             if await request.is_disconnected():
                 task.cancel()
                 raise ClientGone()
+            if deadline is not None and time.monotonic() > deadline + DEADLINE_GRACE_S:
+                svc = request.app.state.svc
+                log.warning("no answer by the request's deadline: cancelled (engine: %s, work held: %s)",
+                            svc.engine.problem or "ready", svc.engine.busy)
+                task.cancel()
+                raise DeadlineExceeded("no answer within the request's deadline (ALIT_REQUEST_TIMEOUT_S or "
+                                       "X-Request-Timeout)")
     finally:
         if not task.done():
             task.cancel()
