@@ -227,18 +227,22 @@ async def _unless_disconnected(request: Request, awaitable, deadline: float | No
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
                 raise ClientGone()
             if deadline is not None and time.monotonic() > deadline + DEADLINE_GRACE_S:
                 svc = request.app.state.svc
                 log.warning("no answer by the request's deadline: cancelled (engine: %s, work held: %s)",
                             svc.engine.problem or "ready", svc.engine.busy)
-                task.cancel()
                 raise DeadlineExceeded("no answer within the request's deadline (ALIT_REQUEST_TIMEOUT_S or "
                                        "X-Request-Timeout)")
     finally:
         if not task.done():
             task.cancel()
+            task.add_done_callback(_retrieve)  # a cancelled gather ends with an exception nobody else reads
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _stream(svc, prepared, include_rec, all_iters, started, deadline):
