@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.model.registry import resolve
 from service.settings import DEFAULT_MODEL
+from step_setup import best_of, repeatable_step, spread  # this folder
 
 MODES = ("packed", "cohort", "padded")
 
@@ -39,27 +39,14 @@ def main() -> int:
             for mode in MODES:
                 model.batch_mode = mode  # type: ignore[assignment]
                 for mix in ("same iteration", "spread over 8"):
-                    states = model.prepare(images)
-                    if mix == "spread over 8":  # image i has run i % 8 iterations
-                        for k in range(cfg.max_iters - 1):
-                            sub = [s for i, s in enumerate(states) if i % cfg.max_iters > k]
-                            if sub:
-                                model.advance(sub, halting=True)
-                    saved = [(s.x, s.iteration) for s in states]
-                    best = float("inf")
-                    for _ in range(5):
-                        for s, (x, it) in zip(states, saved):
-                            s.x, s.iteration = x, it
-                        t = time.perf_counter()
-                        model.advance(states, halting=True)
-                        best = min(best, time.perf_counter() - t)
-                    results.setdefault((mode, mix), []).append(best / len(states) * 1e3)
+                    step = repeatable_step(model, spread(model, images, spread_out=mix == "spread over 8"))
+                    results.setdefault((mode, mix), []).append(best_of(step) / len(images) * 1e3)
     threads = torch.get_num_threads()
     print(f"{'mode':<8} {'same iteration':>15} {'spread over 8':>15}   (ms per image, {threads} threads)")
     for mode in MODES:
         same = statistics.median(results[(mode, 'same iteration')])
-        spread = statistics.median(results[(mode, 'spread over 8')])
-        print(f"{mode:<8} {same:15.2f} {spread:15.2f}")
+        mixed = statistics.median(results[(mode, 'spread over 8')])
+        print(f"{mode:<8} {same:15.2f} {mixed:15.2f}")
     return 0
 
 

@@ -23,38 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.model.compile import compile_model
 from service.model.registry import resolve
 from service.settings import DEFAULT_MODEL
+from step_setup import best_of, repeatable_step, spread  # this folder
 
 STAGES = ("prepare", "step, spread over 8", "pixel decode")
 
 
-def best_of(fn, n: int = 5) -> float:
-    best = float("inf")
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def spread(model, images):
-    """States of `images`, image i having run i % max_iters iterations."""
-    states = model.prepare(images)
-    for k in range(model.cfg.max_iters - 1):
-        sub = [s for i, s in enumerate(states) if i % model.cfg.max_iters > k]
-        if sub:
-            model.advance(sub, halting=True)
-    return states
-
-
 def stage_times(model, images) -> dict[str, float]:
-    states = spread(model, images)
-    saved = [(s.x, s.iteration) for s in states]
-
-    def step():
-        for s, (x, it) in zip(states, saved):
-            s.x, s.iteration = x, it
-        return model.advance(states, halting=True)
-
+    step = repeatable_step(model, spread(model, images))
     logits = torch.stack([o.logits for o in step()])
     n = images.shape[0]
     return {"prepare": best_of(lambda: model.prepare(images)) / n * 1e3,

@@ -33,16 +33,29 @@ def build(d: MetricDef, registry: CollectorRegistry):
     return _KINDS[d.kind](d.name, d.help, list(d.labels), registry=registry, **kw)
 
 
+def process_registry() -> CollectorRegistry:
+    """A registry with prometheus-client's process, platform and GC collectors only."""
+    r = CollectorRegistry()
+    ProcessCollector(registry=r)
+    PlatformCollector(registry=r)
+    GCCollector(registry=r)
+    return r
+
+
+def starting_exposition() -> bytes:
+    """What /metrics serves while the model loads (its series need the model's shape): the process
+    collectors, so a scrape succeeds and start-up memory is visible."""
+    return generate_latest(process_registry())
+
+
 class Metrics(EngineObserver):
     def __init__(self, max_iters: int = 8, max_batch: int = 32, max_tokens: int = 256, tokens_per_iter: int = 32):
-        self.registry = r = CollectorRegistry()
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
+        self.registry = r = process_registry()
         e = {k: build(d, r) for k, d in engine_metrics(max_iters, max_batch, max_tokens, tokens_per_iter).items()}
         s = {k: build(d, r) for k, d in service_metrics().items()}
         self.stage_seconds, self.step_seconds, self.step_batch = e["stage"], e["step"], e["batch"]
         self.queue_depth, self.queue_wait_seconds, self.active_images = e["queue"], e["wait"], e["active"]
+        self.encoded_images = e["encoded"]
         self.halting_iteration, self.tokens, self.target_met = e["halt"], e["tokens"], e["images"]
         self.rejections, self.worker_healthy = e["rejected"], e["healthy"]
         self.requests, self.request_seconds, self.key_requests = s["requests"], s["request_seconds"], s["key_requests"]
@@ -69,8 +82,9 @@ class Metrics(EngineObserver):
     def queue_wait(self, seconds):
         self.queue_wait_seconds.observe(seconds)
 
-    def active(self, device, count):
-        self.active_images.labels(device).set(count)
+    def active(self, device, running, encoded):
+        self.active_images.labels(device).set(running)
+        self.encoded_images.labels(device).set(encoded)
 
     def retired(self, target_kind, iterations, num_tokens, target_met):
         self.halting_iteration.labels(target_kind).observe(iterations)

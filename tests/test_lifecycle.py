@@ -30,6 +30,8 @@ def test_readyz_says_starting_until_the_model_is_warm(start_server, tmp_path):
     r = httpx.post(srv.url + "/v1/tokenize", json={"images": []})
     assert r.status_code == 503 and r.json()["error"]["code"] == "starting" and "Retry-After" in r.headers
     assert httpx.get(srv.url + "/v1/models", timeout=30).status_code == 503
+    m = httpx.get(srv.url + "/metrics", timeout=30)  # scrapes succeed while loading: process series only
+    assert m.status_code == 200 and "process_resident_memory_bytes" in m.text and "alit_" not in m.text, m.text[:500]
     gate.touch()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -41,6 +43,7 @@ def test_readyz_says_starting_until_the_model_is_warm(start_server, tmp_path):
     assert r.status_code == 200 and r.json()["status"] == "ready", r.text
     assert seen == ["starting"] * 5
     assert httpx.get(srv.url + "/v1/models", timeout=30).status_code == 200
+    assert "alit_active_images" in httpx.get(srv.url + "/metrics", timeout=30).text
 
 
 def _serve(tmp_path, **env) -> subprocess.CompletedProcess:

@@ -190,7 +190,7 @@ def test_a_cancelled_stream_leaves_the_engine(triton):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         snap = triton_metrics(triton.metrics)
-        if metric(snap, "alit_active_images") + metric(snap, "alit_queue_depth") == 0:
+        if sum(metric(snap, m) for m in ("alit_active_images", "alit_encoded_images", "alit_queue_depth")) == 0:
             break
         time.sleep(0.1)
     cancelled = metric(snap, "alit_rejected_total", reason="cancelled") - before

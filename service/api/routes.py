@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import tracing
 from ..engine import DeadlineExceeded, IterationRecord, Target
 from ..imaging import to_png
+from ..metrics import starting_exposition
 from ..model.presets import preset_name_of
 from .auth import require_key
 from .cached_tokenize import Outcome
@@ -320,9 +321,11 @@ async def models(request: Request):
 @router.get("/metrics", tags=["ops"], response_class=Response,
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format"}})
 async def metrics(request: Request):
-    """Prometheus metrics (see the README's metrics table)."""
-    svc = _state(request)
-    return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus metrics (see the README's metrics table); while the model loads, the process
+    collectors only."""
+    svc = request.app.state.svc
+    body = svc.metrics.exposition() if svc is not None else starting_exposition()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", tags=["ops"], responses={503: {"model": ErrorResponse}})

@@ -25,8 +25,9 @@ class EngineObserver:
     def queue_wait(self, seconds: float) -> None:
         """Time an image waited between submission and admission."""
 
-    def active(self, device: str, count: int) -> None:
-        """Images in flight on a worker after a step."""
+    def active(self, device: str, running: int, encoded: int) -> None:
+        """After a step: images iterating on a worker, and images it has encoded ahead that wait
+        for a slot (continuous batching's `Scheduler.ready`)."""
 
     def retired(self, target_kind: str, iterations: int, num_tokens: int, target_met: bool) -> None:
         """An image finished: the iteration it halted at and its token count."""

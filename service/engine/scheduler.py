@@ -73,7 +73,7 @@ class Scheduler:
         in_step: list[Job] = [*self.active, *self.ready, *new_jobs]
         stepped = 0
         if not in_step:  # everything left was cancelled or expired
-            self.observer.active(self.device, 0)
+            self.observer.active(self.device, 0, 0)
             return
         try:
             with torch.inference_mode(), self.runner.precision():
@@ -94,7 +94,7 @@ class Scheduler:
             raise
         finally:
             self.steps += 1
-            self.observer.active(self.device, len(self.active))
+            self.observer.active(self.device, len(self.active), len(self.ready))
         elapsed = time.perf_counter() - t0
         self.step_time = 0.9 * self.step_time + 0.1 * elapsed
         self.observer.step(stepped + len(rec_new), elapsed, self.device)

@@ -260,7 +260,7 @@ class TritonEngine:
 
     def _enter(self, n: int) -> None:
         self.inflight += n
-        self.observer.active(self.DEVICE, self.inflight)
+        self.observer.active(self.DEVICE, self.inflight, 0)
 
     async def reconstruct(self, token_ids, deadline: float | None = None) -> list[torch.Tensor]:
         for ids in token_ids:

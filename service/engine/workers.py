@@ -246,7 +246,7 @@ class Engine:
         """A worker thread ended by an error that escaped its loop: its images are answered at once
         (503 `engine_unavailable`), and the queued ones too when no worker is left to take them."""
         log.error("worker %s died: %s", w.device, w.last_error or "an error escaped its loop")
-        last = not any(o.is_alive() for o in self.workers if o is not w)
+        last = not [o for o in self.running if o is not w]
         self._abandon(EngineUnavailable(f"the engine worker on {w.device} died; the process needs a restart "
                                         "(its liveness probe fails)"), [w], queued=last)
 
@@ -263,9 +263,19 @@ class Engine:
         return self.accepting and bool(self.workers) and all(w.healthy for w in self.workers)
 
     @property
+    def running(self) -> list[Worker]:
+        """Worker threads running now."""
+        return [w for w in self.workers if w.is_alive()]
+
+    @property
+    def dead(self) -> list[Worker]:
+        """Worker threads that were started and have ended."""
+        return [w for w in self.workers if w.ident is not None and not w.is_alive()]
+
+    @property
     def live(self) -> bool:
         """False once a started worker thread has died (a liveness probe should restart the process)."""
-        return all(w.is_alive() for w in self.workers if w.ident is not None)
+        return not self.dead
 
     @property
     def problem(self) -> str:
@@ -275,7 +285,7 @@ class Engine:
             return "engine not started"
         issues = []
         for w in self.workers:
-            if w.ident is not None and not w.is_alive():
+            if w in self.dead:
                 issues.append(f"worker {w.device} died")
             elif not w.warm:
                 issues.append(f"worker {w.device} warming up")
@@ -313,7 +323,7 @@ class Engine:
         if not self.accepting:
             self.observer.rejected("stopped")
             raise EngineStopped("the engine is draining or stopped and takes no new work")
-        if self.workers and not any(w.is_alive() for w in self.workers if w.ident is not None):
+        if self.workers and not self.running:
             self.observer.rejected("stopped")
             raise EngineUnavailable("every engine worker has died; the process needs a restart "
                                     "(its liveness probe fails)")

@@ -51,8 +51,9 @@ class TritonMetrics(EngineObserver):
     def queue_wait(self, seconds):
         self._get("wait").observe(seconds)
 
-    def active(self, device, count):
-        self._get("active", device=device).set(count)
+    def active(self, device, running, encoded):
+        self._get("active", device=device).set(running)
+        self._get("encoded", device=device).set(encoded)
 
     def retired(self, target_kind, iterations, num_tokens, target_met):
         self._get("halt", target_kind=target_kind).observe(iterations)
