@@ -61,6 +61,13 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 @pytest.mark.parametrize("halting", [False, True])
 @pytest.mark.parametrize("mode", ["cohort", "padded", "packed+compile"])
 def test_concurrent_mixed_targets_equal_single_image_results(loaded, images, halting, mode):
@@ -74,14 +81,18 @@ def test_concurrent_mixed_targets_equal_single_image_results(loaded, images, hal
                                             compile=compiled)).start()
         if compiled:
             assert eng.workers[0].runner.model is not loaded.model  # compiled on a copy, not in place
+        graphs = compiled_graphs()
         try:
             tasks = []
             for b, t in jobs:  # staggered arrivals: images join at different iterations
                 tasks.append(asyncio.create_task(eng.tokenize(images[b], t)))
                 await asyncio.sleep(0.002)
-            return await asyncio.gather(*tasks)
+            out = await asyncio.gather(*tasks)
         finally:
             eng.shutdown()
+        # the warm-up compiled every graph serving needs: batches of every size came and went
+        assert compiled_graphs() == graphs, "torch.compile compiled while serving"
+        return out
 
     results = run(go())
     seen_iters = set()

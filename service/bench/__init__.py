@@ -41,10 +41,6 @@ def run(args: argparse.Namespace) -> dict:
     loaded = resolve(args.model)
     cfg = loaded.config
     model = loaded.model.to(args.device).eval()
-    if args.compile:  # the profile (and so the efficiency's ideal) of the model the engine runs
-        from ..model.compile import compile_model
-
-        model = compile_model(copy.deepcopy(model))
     limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
     images = workload.corpus(workload.load_folder(args.images), args.crops)
     pixels = workload.tensors(images, cfg.img_size)
@@ -54,6 +50,12 @@ def run(args: argparse.Namespace) -> dict:
         l1, psnr = workload.measure_iterations(model, pixels, halting=not args.no_halting, batch=args.max_batch)
         targets = workload.calibrate_targets(l1, psnr, limits)
         batch = pixels[torch.arange(args.max_batch) % len(pixels)]
+        if args.compile:  # profile (so the efficiency's ideal) the model the engines run, warmed as they are
+            from ..model.compile import compile_model, warm_batch_sizes
+
+            model = compile_model(copy.deepcopy(model))
+            for n in warm_batch_sizes(args.max_batch):
+                profile.profile_stages(model, batch[:n], halting=not args.no_halting, repeats=1)
         prof = profile.profile_stages(model, batch, halting=not args.no_halting)
         one = profile.profile_stages(model, pixels[:1], halting=not args.no_halting)
         flops = profile.flops_per_image(model, batch, halting=not args.no_halting) if args.flops else None

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from ..model.compile import compile_model
+from ..model.compile import compile_model, warm_batch_sizes
 from .admission import CostCurve, measure_cost_curve
 from .errors import EngineError, EngineStopped, EngineUnavailable, QueueFull
 from .jobs import Job, ReconstructJob, TokenizeJob
@@ -129,12 +129,11 @@ class Worker(threading.Thread):
         return self.scheduler.holding
 
     def warm_up(self) -> None:
-        """One image through every iteration with a quality target: fills caches. With `compile`, also
-        2 and max-batch images: compiled graphs are specialised to batch-size ranges (1; 2-15; 16 and
-        more for the VQGAN's convolutions on a CPU), so serving never waits for a compilation."""
+        """One image through every iteration with a quality target: fills caches. With `compile`, the
+        batch sizes of `warm_batch_sizes` (1, 2 and max batch), so serving never waits for a compilation."""
         cfg = self.runner.model.cfg
         gen = torch.Generator().manual_seed(0)
-        sizes = (1, 2, self.scheduler.policy.max_batch) if self.engine.settings.compile else (1,)
+        sizes = warm_batch_sizes(self.scheduler.policy.max_batch) if self.engine.settings.compile else (1,)
         for n in sizes:
             jobs = [TokenizeJob(image=torch.rand(3, cfg.img_size, cfg.img_size, generator=gen),
                                 target=Target(max_l1=1e-9)) for _ in range(n)]  # never met: runs every iteration
