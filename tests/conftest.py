@@ -155,6 +155,14 @@ def cache_prefix(shared_redis_url):
         client.delete(key)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (`item.rep_call`), for fixtures that act on failure."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path):
         self.proc, self.port, self.log = proc, port, log
@@ -247,3 +255,8 @@ def start_server(tmp_path, request):
     yield start
     for s in servers:
         s.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:  # what each server logged, for the failure report
+        for s in servers:
+            print(f"----- server on port {s.port} (exit {s.proc.returncode}): {s.log} -----")
+            print(s.log.read_text(errors="replace")[-6000:])
