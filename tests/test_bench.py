@@ -98,3 +98,6 @@ def test_bench_command_writes_the_report(tmp_path):
         assert s["saturation_throughput"] > 0 and 0 < s["efficiency"]
         assert s["p99_at_70pct_lockstep_load"] >= s["p50_at_70pct_lockstep_load"] > 0
     assert rep["simulated"]["note"].startswith("SIMULATED")
+    # the profile is taken again at the end, and the change of the machine's speed reported
+    assert len(rep["profile_after"]["iteration_ms_per_image"]) == len(rep["profile"]["iteration_ms_per_image"])
+    assert rep["machine"]["speed_drift"] > -1 and "profile again after the runs" in r.stdout

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 STRATEGIES = ("reference", "lockstep", "continuous")
+DRIFT_WARNING = 0.10  # a change of the profile's per-image cost over a run worth a warning
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "alit-reference" / "images"
 
 
@@ -135,6 +136,16 @@ def run(args: argparse.Namespace) -> dict:
         for k in ("iterations", "pixel_decodes"):
             s["saturation"].pop(k, None)
     report["ratios"] = ratios(report["strategies"])
+    if strategies:  # a shared machine's speed can change under a run: say so, from the same profile again
+        with precision(args.device, args.dtype):
+            after = profile.profile_stages(model, batch, halting=not args.no_halting)
+        drift = after.pass_s / prof.pass_s - 1
+        report["profile_after"] = after.to_dict()
+        report["machine"]["speed_drift"] = drift
+        _progress(f"profile again after the runs: per-image cost {drift:+.0%} against the start" + (
+            f" -- the machine's speed changed by more than {DRIFT_WARNING:.0%} during this run (other load?): "
+            "efficiencies are off by as much; compare strategies within one run, and repeat the run"
+            if abs(drift) > DRIFT_WARNING else ""), t0)
     if args.simulate:
         _progress("SIMULATED device (virtual clock, cost curve calibrated to an H100): saturation batches "
                   + ", ".join(map(str, args.sim_saturation)), t0)

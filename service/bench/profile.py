@@ -29,6 +29,11 @@ class StageProfile:
         return sum(self.prepare_s + sum(self.iteration_s[:n]) + d * self.pixel_decode_s
                    for n, d in zip(iterations, decodes))
 
+    @property
+    def pass_s(self) -> float:
+        """One image's prepare, every iteration and one pixel decode, per image."""
+        return self.prepare_s + sum(self.iteration_s) + self.pixel_decode_s
+
     def to_dict(self) -> dict:
         return {"batch": self.batch, "prepare_ms_per_image": self.prepare_s * 1e3,
                 "iteration_ms_per_image": [s * 1e3 for s in self.iteration_s],
