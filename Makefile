@@ -67,9 +67,11 @@ train: setup
 	$(PIP) install -q -c $(CONSTRAINTS) scikit-image scikit-learn
 	OMP_NUM_THREADS=1 $(PY) -m service.training train --run runs/default --export service/weights
 
+# The engine benchmark as docs/benchmarks.md reports it: --quick runs, 3 rounds, medians (about 5 minutes
+# on 2 CPU cores). Run it on an otherwise idle machine.
 bench: setup
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,bench]"
-	$(VENV)/bin/alit-serve bench --json docs/bench_engine.json --plot docs/bench_engine.png
+	$(VENV)/bin/alit-serve bench --quick --repeats 3 --json docs/bench_engine.json --plot docs/bench_engine.png
 
 # In-process engine vs the same model on a local tritonserver (about 8 minutes on 2 CPU cores).
 bench-triton: setup

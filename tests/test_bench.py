@@ -4,6 +4,7 @@ the cost-curve admission rule, and `alit-serve bench` end to end on a tiny run."
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -89,14 +90,18 @@ def test_bench_command_writes_the_report(tmp_path):
     out = tmp_path / "bench.json"
     r = run_cli("bench", "--model", "preset:test_tiny", "--saturation-requests", "12", "--reference-requests", "3",
                 "--poisson-requests", "8", "--load-fractions", "0.7", "--crops", "2", "--max-batch", "8",
-                "--sim-saturation", "8", "--threads", "1", "--json", str(out))
+                "--sim-saturation", "8", "--threads", "1", "--repeats", "2", "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "saturation: continuous" in r.stdout and "SIMULATED" in r.stdout
+    assert "saturation (round 2 of 2): continuous" in r.stdout and "SIMULATED" in r.stdout
     rep = json.loads(out.read_text())
     for name in ("reference", "lockstep", "continuous"):
         s = rep["strategies"][name]
         assert s["saturation_throughput"] > 0 and 0 < s["efficiency"]
         assert s["p99_at_70pct_lockstep_load"] >= s["p50_at_70pct_lockstep_load"] > 0
+        # two rounds, strategies interleaved; the report keeps both runs and their median
+        assert len(s["saturation_runs"]) == 2 and s["saturation_throughput"] == statistics.median(s["saturation_runs"])
+        at70 = s["poisson"][0]
+        assert len(at70["runs"]) == 2 and at70["p99_s"] == statistics.median(r["p99_s"] for r in at70["runs"])
     assert rep["simulated"]["note"].startswith("SIMULATED")
     # the profile is taken again at the end, and the change of the machine's speed reported
     assert len(rep["profile_after"]["iteration_ms_per_image"]) == len(rep["profile"]["iteration_ms_per_image"])

@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
                     "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
         "settings": {"max_batch": args.max_batch, "batch_mode": args.batch_mode, "halting": not args.no_halting,
                      "lockstep_max_delay_s": args.max_delay, "dtype": args.dtype, "admission": args.admission,
-                     "compile": args.compile},
+                     "compile": args.compile, "repeats": args.repeats},
         "workload": {"images": str(args.images), "corpus_images": len(images),
                      "targets": [t.to_dict() for t in targets]},
         "profile": prof.to_dict(),
@@ -97,41 +98,57 @@ def run(args: argparse.Namespace) -> dict:
     strategies = [s for s in STRATEGIES if s in args.strategies]
     n_sat = args.saturation_requests
     sat = workload.requests(n_sat, len(images), targets, l1, psnr, limits, seed=1)
-    for name in strategies:
-        n = args.reference_requests if name == "reference" else n_sat
-        _progress(f"saturation: {name}, {n} requests queued at once", t0)
-        res = live.run_strategy(loaded, name, settings, [(pixels[r.image], r.target) for r in sat[:n]], [0.0] * n)
-        ideal = prof.ideal_seconds(res["iterations"], res["pixel_decodes"])
-        res["ideal_throughput"] = n / ideal
-        eff = res["throughput"] / res["ideal_throughput"]
-        report["strategies"][name] = {"saturation": res, "saturation_throughput": res["throughput"],
-                                      "efficiency": eff, "poisson": []}
-        _progress(f"  {name}: {res['throughput']:.2f} img/s (efficiency {eff:.0%}), p50 {res['p50_s']:.3f} s, "
-                  f"{res['mean_iterations']:.2f} iterations and {res['pixel_decodes_per_image']:.2f} decodes per image",
-                  t0)
+    sat_runs: dict[str, list[dict]] = {name: [] for name in strategies}
+    for rep in range(args.repeats):  # strategies interleaved in every round: a slow spell hits them alike
+        for name in strategies:
+            n = args.reference_requests if name == "reference" else n_sat
+            _progress(f"saturation{_round(rep, args.repeats)}: {name}, {n} requests queued at once", t0)
+            work = [(pixels[r.image], r.target) for r in sat[:n]]
+            res = live.run_strategy(loaded, name, settings, work, [0.0] * n)
+            res["ideal_throughput"] = n / prof.ideal_seconds(res["iterations"], res["pixel_decodes"])
+            res["efficiency"] = res["throughput"] / res["ideal_throughput"]
+            sat_runs[name].append(res)
+            _progress(f"  {name}: {res['throughput']:.2f} img/s (efficiency {res['efficiency']:.0%}), "
+                      f"p50 {res['p50_s']:.3f} s, {res['mean_iterations']:.2f} iterations and "
+                      f"{res['pixel_decodes_per_image']:.2f} decodes per image", t0)
+    for name, runs in sat_runs.items():
+        report["strategies"][name] = {
+            "saturation": _median_run(runs, "throughput"),
+            "saturation_throughput": statistics.median(r["throughput"] for r in runs),
+            "efficiency": statistics.median(r["efficiency"] for r in runs),
+            "saturation_runs": [r["throughput"] for r in runs], "poisson": []}
     if "lockstep" in report["strategies"]:
         lock_sat = report["strategies"]["lockstep"]["saturation_throughput"]
         for frac in args.load_fractions:
             rate = frac * lock_sat
-            for name in strategies:
+            got: dict[str, list[dict]] = {name: [] for name in strategies}
+            for rep in range(args.repeats):
+                for name in strategies:
+                    n = args.poisson_requests
+                    sat_tp = report["strategies"][name]["saturation_throughput"]
+                    if rate >= 0.95 * sat_tp:  # overloaded: its queue grows without bound
+                        n = max(20, int(n * sat_tp / rate / 2))
+                    _progress(f"Poisson {frac:.0%} of lock-step ({rate:.2f}/s){_round(rep, args.repeats)}: "
+                              f"{name}, {n} requests", t0)
+                    reqs = workload.requests(n, len(images), targets, l1, psnr, limits, seed=2)
+                    res = live.run_strategy(loaded, name, settings, [(pixels[r.image], r.target) for r in reqs],
+                                            workload.poisson(rate, n, seed=3))
+                    res.update({"load_fraction_of_lockstep": frac, "offered_rate": rate,
+                                "overloaded": rate >= sat_tp})
+                    for k in ("iterations", "pixel_decodes"):
+                        res.pop(k)
+                    got[name].append(res)
+                    _progress(f"  {name}: got {res['throughput']:.2f}/s, p50 {res['p50_s']:.3f} s, "
+                              f"p99 {res['p99_s']:.3f} s", t0)
+            for name, runs in got.items():
                 s = report["strategies"][name]
-                n = args.poisson_requests
-                if rate >= 0.95 * s["saturation_throughput"]:  # overloaded: its queue grows without bound
-                    n = max(20, int(n * s["saturation_throughput"] / rate / 2))
-                _progress(f"Poisson {frac:.0%} of lock-step ({rate:.2f}/s): {name}, {n} requests", t0)
-                reqs = workload.requests(n, len(images), targets, l1, psnr, limits, seed=2)
-                res = live.run_strategy(loaded, name, settings, [(pixels[r.image], r.target) for r in reqs],
-                                        workload.poisson(rate, n, seed=3))
-                res.update({"load_fraction_of_lockstep": frac, "offered_rate": rate,
-                            "overloaded": rate >= s["saturation_throughput"]})
-                for k in ("iterations", "pixel_decodes"):
-                    res.pop(k)
+                keys = ("throughput", "p50_s", "p99_s")  # medians per figure, as the docs' tables
+                res = {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys},
+                       "runs": [{k: r[k] for k in keys} for r in runs]}
                 s["poisson"].append(res)
                 if abs(frac - 0.7) < 1e-9:
                     s["p50_at_70pct_lockstep_load"] = res["p50_s"]
                     s["p99_at_70pct_lockstep_load"] = res["p99_s"]
-                _progress(f"  {name}: got {res['throughput']:.2f}/s, p50 {res['p50_s']:.3f} s, "
-                          f"p99 {res['p99_s']:.3f} s", t0)
     for s in report["strategies"].values():
         for k in ("iterations", "pixel_decodes"):
             s["saturation"].pop(k, None)
@@ -160,6 +177,15 @@ def run(args: argparse.Namespace) -> dict:
                 f"{n} {r[n]['saturation_throughput']:.0f} img/s" for n in STRATEGIES if n in r), t0)
     _progress("done", t0)
     return report
+
+
+def _round(rep: int, repeats: int) -> str:
+    return f" (round {rep + 1} of {repeats})" if repeats > 1 else ""
+
+
+def _median_run(runs: list[dict], key: str) -> dict:
+    """The run whose `key` is the median (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
 
 
 def ratios(strategies: dict) -> dict:
@@ -227,6 +253,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="count FLOPs and report utilisation against a measured matmul peak")
     p.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the simulated-device runs")
     p.add_argument("--sim-saturation", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every run this many times, the strategies interleaved in each round, and "
+                        "report medians (the runs are kept in the JSON)")
     p.add_argument("--quick", action="store_true", help="small runs (a few minutes on 2 CPU cores)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="write a latency-vs-load PNG here")
@@ -241,6 +270,8 @@ def main(args: argparse.Namespace) -> int:
     unknown = set(args.strategies) - set(STRATEGIES)
     if unknown:
         raise SystemExit(f"unknown strategies {sorted(unknown)} (known: {', '.join(STRATEGIES)})")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1 (got {args.repeats})")
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run(args)
