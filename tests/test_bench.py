@@ -106,3 +106,14 @@ def test_bench_command_writes_the_report(tmp_path):
     # the profile is taken again at the end, and the change of the machine's speed reported
     assert len(rep["profile_after"]["iteration_ms_per_image"]) == len(rep["profile"]["iteration_ms_per_image"])
     assert rep["machine"]["speed_drift"] > -1 and "profile again after the runs" in r.stdout
+
+
+def test_bench_names_a_folder_it_cannot_use(tmp_path):
+    empty, junk = tmp_path / "empty", tmp_path / "junk"
+    empty.mkdir()
+    junk.mkdir()
+    (junk / "a.png").write_bytes(b"not a png")
+    for folder, says in ((tmp_path / "missing", "no such folder"), (empty, "no images"),
+                         (junk, "a.png is not an image")):
+        r = run_cli("bench", "--model", "preset:test_tiny", "--quick", "--images", str(folder))
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -21,15 +21,24 @@ from ..model.measure import iterate_and_measure
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+class WorkloadError(ValueError):
+    """The benchmark's images cannot be used (the message says which and why)."""
+
+
 def load_folder(folder: str | Path) -> list[tuple[str, Image.Image]]:
     """Every image file under `folder` (recursively), as RGB."""
+    if not Path(folder).is_dir():
+        raise WorkloadError(f"--images {folder}: no such folder")
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+        raise WorkloadError(f"--images {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it")
     out = []
     for p in paths:
-        with Image.open(p) as im:
-            out.append((str(p.relative_to(folder)), im.convert("RGB")))
+        try:
+            with Image.open(p) as im:
+                out.append((str(p.relative_to(folder)), im.convert("RGB")))
+        except (OSError, Image.DecompressionBombError) as e:
+            raise WorkloadError(f"--images {folder}: {p} is not an image this benchmark can read ({e})") from e
     return out
 
 
