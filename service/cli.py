@@ -97,8 +97,14 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
+    from .bench.workload import WorkloadError
+    from .model.checkpoint import CheckpointError
 
-    return bench_main(args)
+    try:
+        return bench_main(args)
+    except (CheckpointError, WorkloadError) as e:  # a model or an image folder it cannot use
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,7 +108,7 @@ def test_bench_command_writes_the_report(tmp_path):
     assert rep["machine"]["speed_drift"] > -1 and "profile again after the runs" in r.stdout
 
 
-def test_bench_names_a_folder_it_cannot_use(tmp_path):
+def test_bench_names_a_folder_or_model_it_cannot_use(tmp_path):
     empty, junk = tmp_path / "empty", tmp_path / "junk"
     empty.mkdir()
     junk.mkdir()
@@ -116,4 +116,6 @@ def test_bench_names_a_folder_it_cannot_use(tmp_path):
     for folder, says in ((tmp_path / "missing", "no such folder"), (empty, "no images"),
                          (junk, "a.png is not an image")):
         r = run_cli("bench", "--model", "preset:test_tiny", "--quick", "--images", str(folder))
-        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = run_cli("bench", "--model", str(tmp_path / "no-model"), "--quick")
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

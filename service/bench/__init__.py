@@ -274,12 +274,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--repeats must be at least 1 (got {args.repeats})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .workload import WorkloadError
-
-    try:
-        report = run(args)
-    except WorkloadError as e:
-        raise SystemExit(f"alit-serve bench: {e}") from None
+    report = run(args)
     print(json.dumps(report["ratios"], indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
