@@ -18,24 +18,36 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenize(args: argparse.Namespace) -> int:
+def _call_server(args: argparse.Namespace, call):
+    """`call(client)` against `args.url`; None, after one line on stderr, when the server answers an
+    error, cannot be reached, or a local file cannot be read."""
+    import httpx
+
     from .client import AlitError, Client
 
-    with Client(args.url, api_key=args.api_key) as c:
-        try:
-            r = c.tokenize(args.image, max_l1=args.max_l1, min_psnr=args.min_psnr, tokens=args.tokens,
-                           max_tokens=args.max_tokens)
-        except AlitError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+    try:
+        with Client(args.url, api_key=args.api_key) as c:
+            return call(c)
+    except AlitError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except httpx.TransportError as e:
+        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+    return None
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    r = _call_server(args, lambda c: c.tokenize(args.image, max_l1=args.max_l1, min_psnr=args.min_psnr,
+                                                 tokens=args.tokens, max_tokens=args.max_tokens))
+    if r is None:
+        return 1
     keys = ("num_tokens", "iterations", "l1", "psnr", "target_met", "cached", "token_ids")
     print(json.dumps({k: r[k] for k in keys}))
     return 0
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from .client import AlitError, Client
-
     if args.ids == "-":
         text = sys.stdin.read()
     else:
@@ -43,14 +55,15 @@ def _reconstruct(args: argparse.Namespace) -> int:
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        data = [int(x) for x in text.replace(",", " ").split()]
-    ids = data["token_ids"] if isinstance(data, dict) else data
-    with Client(args.url, api_key=args.api_key) as c:
-        try:
-            png = c.reconstruct(ids)
-        except AlitError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        data = [int(x) if x.lstrip("-").isdigit() else x for x in text.replace(",", " ").split()]
+    ids = data.get("token_ids") if isinstance(data, dict) else data
+    if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids):
+        print("error: token ids must be a JSON list of integers, a JSON object with token_ids (as `tokenize` "
+              "prints), or integers separated by spaces or commas", file=sys.stderr)
+        return 2
+    png = _call_server(args, lambda c: c.reconstruct(ids))
+    if png is None:
+        return 1
     Path(args.out).write_bytes(png)
     print(f"wrote {args.out} ({len(png)} bytes)")
     return 0

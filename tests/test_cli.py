@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from conftest import run_cli
+from conftest import FIXTURE, free_port, run_cli
 
 
 def test_verify_exits_zero_on_the_fixture(fixture_dir):
@@ -54,3 +54,18 @@ def test_convert_then_load(tmp_path, fixture_dir, images):
         b = converted.model.advance(converted.model.prepare(images[:2]))
     for x, y in zip(a, b):
         assert torch.equal(x.token_ids, y.token_ids)
+
+
+def test_client_commands_fail_in_one_line_without_a_traceback(tmp_path):
+    """An unreachable server, a missing image or malformed token ids: one line on stderr, exit 1 or 2."""
+    photo = FIXTURE / "images" / "birds" / "000000.png"
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for args, code, says in (
+        (["tokenize", str(photo), "--url", nowhere], 1, f"cannot reach {nowhere}"),
+        (["tokenize", str(tmp_path / "missing.png"), "--url", nowhere], 1, "No such file"),
+        (["reconstruct", "[1, 2]", "--url", nowhere, "-o", str(tmp_path / "r.png")], 1, f"cannot reach {nowhere}"),
+        (["reconstruct", "1, two, 3", "--url", nowhere], 2, "token ids must be"),
+        (["reconstruct", '{"ids": [1]}', "--url", nowhere], 2, "token ids must be"),
+    ):
+        r = run_cli(*args)
+        assert r.returncode == code and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
