@@ -20,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _call_server(args: argparse.Namespace, call):
     """`call(client)` against `args.url`; None, after one line on stderr, when the server answers an
-    error, cannot be reached, or a local file cannot be read."""
+    error or cannot be reached (or a file cannot be read)."""
     import httpx
 
     from .client import AlitError, Client
@@ -38,6 +38,9 @@ def _call_server(args: argparse.Namespace, call):
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    if not Path(args.image).is_file():
+        print(f"error: no such image file: {args.image}", file=sys.stderr)
+        return 2
     r = _call_server(args, lambda c: c.tokenize(args.image, max_l1=args.max_l1, min_psnr=args.min_psnr,
                                                  tokens=args.tokens, max_tokens=args.max_tokens))
     if r is None:

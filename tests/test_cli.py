@@ -62,7 +62,7 @@ def test_client_commands_fail_in_one_line_without_a_traceback(tmp_path):
     nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     for args, code, says in (
         (["tokenize", str(photo), "--url", nowhere], 1, f"cannot reach {nowhere}"),
-        (["tokenize", str(tmp_path / "missing.png"), "--url", nowhere], 1, "No such file"),
+        (["tokenize", str(tmp_path / "missing.png"), "--url", nowhere], 2, "no such image file"),
         (["reconstruct", "[1, 2]", "--url", nowhere, "-o", str(tmp_path / "r.png")], 1, f"cannot reach {nowhere}"),
         (["reconstruct", "1, two, 3", "--url", nowhere], 2, "token ids must be"),
         (["reconstruct", '{"ids": [1]}', "--url", nowhere], 2, "token ids must be"),
