@@ -53,7 +53,7 @@ def main() -> None:
     def drain(queue):
         steps = 0
         while queue or sched.holding:
-            take = sched.capacity()
+            take = sched.to_take()
             new, queue[:] = queue[:take], queue[take:]
             sched.step(new)
             steps += 1

@@ -119,32 +119,17 @@ def run(args: argparse.Namespace) -> dict:
             "saturation_runs": [r["throughput"] for r in runs], "poisson": []}
     if "lockstep" in report["strategies"]:
         lock_sat = report["strategies"]["lockstep"]["saturation_throughput"]
+
+        def work_for(n: int) -> list:
+            return [(pixels[r.image], r.target) for r in workload.requests(n, len(images), targets, l1, psnr,
+                                                                             limits, seed=2)]
+
         for frac in args.load_fractions:
-            rate = frac * lock_sat
-            got: dict[str, list[dict]] = {name: [] for name in strategies}
-            for rep in range(args.repeats):
-                for name in strategies:
-                    n = args.poisson_requests
-                    sat_tp = report["strategies"][name]["saturation_throughput"]
-                    if rate >= 0.95 * sat_tp:  # overloaded: its queue grows without bound
-                        n = max(20, int(n * sat_tp / rate / 2))
-                    _progress(f"Poisson {frac:.0%} of lock-step ({rate:.2f}/s){_round(rep, args.repeats)}: "
-                              f"{name}, {n} requests", t0)
-                    reqs = workload.requests(n, len(images), targets, l1, psnr, limits, seed=2)
-                    res = live.run_strategy(loaded, name, settings, [(pixels[r.image], r.target) for r in reqs],
-                                            workload.poisson(rate, n, seed=3))
-                    res.update({"load_fraction_of_lockstep": frac, "offered_rate": rate,
-                                "overloaded": rate >= sat_tp})
-                    for k in ("iterations", "pixel_decodes"):
-                        res.pop(k)
-                    got[name].append(res)
-                    _progress(f"  {name}: got {res['throughput']:.2f}/s, p50 {res['p50_s']:.3f} s, "
-                              f"p99 {res['p99_s']:.3f} s", t0)
-            for name, runs in got.items():
+            label = f"Poisson {frac:.0%} of lock-step ({frac * lock_sat:.2f}/s)"
+            for name, res in _poisson_runs(args, loaded, settings, report["strategies"], frac * lock_sat, work_for,
+                                           label, t0).items():
+                res["load_fraction_of_lockstep"] = frac
                 s = report["strategies"][name]
-                keys = ("throughput", "p50_s", "p99_s")  # medians per figure, as the docs' tables
-                res = {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys},
-                       "runs": [{k: r[k] for k in keys} for r in runs]}
                 s["poisson"].append(res)
                 if abs(frac - 0.7) < 1e-9:
                     s["p50_at_70pct_lockstep_load"] = res["p50_s"]
@@ -177,6 +162,33 @@ def run(args: argparse.Namespace) -> dict:
                 f"{n} {r[n]['saturation_throughput']:.0f} img/s" for n in STRATEGIES if n in r), t0)
     _progress("done", t0)
     return report
+
+
+def _poisson_runs(args, loaded, settings, saturated: dict, rate: float, work_for, label: str,
+                  t0: float) -> dict[str, dict]:
+    """Every strategy of `saturated` (its saturation results) under Poisson arrivals at `rate`,
+    `args.repeats` rounds with the strategies interleaved, `work_for(n)` the n requests; per strategy
+    the first run's record with each figure's median and every run kept. A strategy that `rate`
+    overloads runs fewer requests: its queue only grows."""
+    from . import live, workload
+
+    got: dict[str, list[dict]] = {name: [] for name in saturated}
+    for rep in range(args.repeats):
+        for name in saturated:
+            n, sat_tp = args.poisson_requests, saturated[name]["saturation_throughput"]
+            if rate >= 0.95 * sat_tp:
+                n = max(20, int(n * sat_tp / rate / 2))
+            _progress(f"{label}{_round(rep, args.repeats)}: {name}, {n} requests", t0)
+            res = live.run_strategy(loaded, name, settings, work_for(n), workload.poisson(rate, n, seed=3))
+            for k in ("iterations", "pixel_decodes"):
+                res.pop(k)
+            res.update({"offered_rate": rate, "overloaded": rate >= sat_tp})
+            got[name].append(res)
+            _progress(f"  {name}: got {res['throughput']:.2f}/s, p50 {res['p50_s']:.3f} s, "
+                      f"p99 {res['p99_s']:.3f} s", t0)
+    keys = ("throughput", "p50_s", "p99_s")  # medians per figure, as the docs' tables
+    return {name: {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys},
+                   "runs": [{k: r[k] for k in keys} for r in runs]} for name, runs in got.items()}
 
 
 def _round(rep: int, repeats: int) -> str:

@@ -124,7 +124,7 @@ def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limit
         if not queue and not sched.holding:
             clock.now = pending[0][0]
             continue
-        cap = sched.capacity()
+        cap = sched.to_take()
         if cap and policy.fill_wait and not sched.holding:  # a batcher waits (virtually) to fill
             fill_by = clock.now + policy.fill_wait
             while len(queue) < cap and pending and pending[0][0] <= fill_by:

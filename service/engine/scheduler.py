@@ -49,8 +49,8 @@ class Scheduler:
         self.step_time = 0.05  # EWMA of step wall time, seconds (for Retry-After estimates)
         self.pixel_decodes = 0
 
-    def capacity(self) -> int:
-        """Jobs to take from the queue now."""
+    def to_take(self) -> int:
+        """Jobs to take from the queue now (the policy's `to_take`; its `capacity` is free slots)."""
         return self.policy.to_take(len(self.active), len(self.ready))
 
     @property

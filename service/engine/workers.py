@@ -164,7 +164,7 @@ class Worker(threading.Thread):
         q, s = self.engine.queue, self.scheduler
         fill_wait = s.policy.fill_wait
         while not self._stop_event.is_set():
-            cap = s.capacity()
+            cap = s.to_take()
             idle = not s.holding
             new = q.take(cap, wait=0.05 if idle else 0.0) if cap else []
             if fill_wait and new and idle:  # a request-level batcher waits briefly to fill the batch
@@ -282,9 +282,9 @@ class Engine:
         (with the last error)."""
         if not self.workers:
             return "engine not started"
-        issues = []
+        issues, dead = [], self.dead
         for w in self.workers:
-            if w in self.dead:
+            if w in dead:
                 issues.append(f"worker {w.device} died")
             elif not w.warm:
                 issues.append(f"worker {w.device} warming up")
