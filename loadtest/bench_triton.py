@@ -35,10 +35,11 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 from service.bench import DEFAULT_IMAGES, workload  # noqa: E402
 from service.bench.live import drive
 from service.bench.workload import poisson  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from service.engine import Engine, EngineSettings, ModelLimits  # noqa: E402
+from service.engine import Engine, EngineSettings  # noqa: E402
 from service.engine.triton_client import TritonEngine  # noqa: E402
+from service.model.alit import ALITLimits  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 
 def free_port() -> int:
@@ -102,7 +103,7 @@ def show(name: str, side: dict) -> None:
 
 async def bench(args) -> dict:
     loaded = resolve(args.model)
-    limits = ModelLimits(loaded.config.tokens_per_iter, loaded.config.max_iters)
+    limits = ALITLimits(loaded.config.tokens_per_iter, loaded.config.max_iters)
     pixels = workload.tensors(workload.corpus(workload.load_folder(DEFAULT_IMAGES), args.crops), loaded.config.img_size)
     l1, psnr = workload.measure_iterations(loaded.model, pixels, halting=True)
     targets = workload.calibrate_targets(l1, psnr, limits)

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.bench import DEFAULT_IMAGES, workload
-from service.engine import ModelLimits, Target
+from service.engine import Target
+    from service.model.alit import ALITLimits
 from service.engine.records import IterationRecord
 from service.model.measure import iterate_and_measure
 from service.model.registry import resolve
@@ -43,7 +44,7 @@ def measure(model, pixels: torch.Tensor, batch: int = 32) -> tuple[np.ndarray, n
     return np.concatenate(l1s, 1), np.concatenate(es, 1)
 
 
-def answer(l1: np.ndarray, target: Target, limits: ModelLimits, decoded: np.ndarray) -> int:
+def answer(l1: np.ndarray, target: Target, limits: ALITLimits, decoded: np.ndarray) -> int:
     """The iteration the engine returns when only `decoded` iterations are measured (skipped ones
     count as not meeting the target)."""
     recs = {n + 1: IterationRecord(n + 1, np.zeros(0, np.int32), float(l1[n]) if decoded[n] else 9.0, None)
@@ -61,7 +62,7 @@ def main() -> int:
     a = p.parse_args()
     loaded = resolve(a.model)
     cfg = loaded.config
-    limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
+    limits = ALITLimits(cfg.tokens_per_iter, cfg.max_iters)
     images = workload.corpus(workload.load_folder(DEFAULT_IMAGES), a.crops, seed=7)
     pixels = workload.tensors(images, cfg.img_size)
     l1, e = measure(loaded.model, pixels)

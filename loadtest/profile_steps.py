@@ -23,7 +23,7 @@ from service.engine.observer import EngineObserver
 from service.engine.policies import make_policy
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
-from service.engine.targets import ModelLimits
+from service.model.alit import ALITLimits
 from service.model.registry import resolve
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     model = loaded.model.to(a.device).eval()
     runner = ModelRunner(model, a.device, a.dtype, "packed", EngineObserver())
     sched = Scheduler(runner, make_policy(a.policy, a.max_batch), EngineObserver(),
-                      ModelLimits(cfg.tokens_per_iter, cfg.max_iters))
+                      ALITLimits(cfg.tokens_per_iter, cfg.max_iters))
     g = torch.Generator().manual_seed(0)
     targets = [Target(max_l1=0.05), Target(max_l1=0.1), Target(tokens=64), Target(tokens=256), Target(min_psnr=20)]
 

@@ -1,9 +1,10 @@
-"""Result cache: an image's *trajectory* (per iteration: token ids and measured quality).
+"""Result cache: an image's *trajectory* (per probe: token ids, their positions where the family's
+tokens carry them, and measured quality; ALIT's probes are its iterations).
 
-Because an image's recurrence does not depend on its target (halting draws are seeded by its
-content), every request for the same image, model and halting settings walks the same trajectory
-and only stops at a different point. So the cache stores what has been computed so far, and a
-request is a hit whenever the stored iterations answer its target — whatever target created them.
+A probe's outcome does not depend on the target that asked for it (ALIT's halting draws are seeded
+by the image's content; a KARL pass is named by its budget and quality conditioning), so every
+request for the same image, model and settings finds the probes computed so far, and it is a hit
+whenever they answer its target by the engine's rule — whatever target created them.
 
 Storage: Redis (redis-py asyncio, hiredis parser) when `ALIT_REDIS_URL` is set, else an in-process
 LRU. Records are a compact binary format with a version byte, never pickle. When Redis fails, the
@@ -25,19 +26,21 @@ import numpy as np
 import torch
 
 from .engine.records import IterationRecord, Selection
-from .engine.targets import ModelLimits, Target
+from .engine.targets import Limits, Target
 
 log = logging.getLogger("alit.cache")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEAD = struct.Struct("<BBB")  # version, records, bytes per id
-_REC = struct.Struct("<BBHff")  # iteration, flags (bit0: quality measured), tokens, l1, psnr
+_REC_V1 = struct.Struct("<BBHff")  # iteration, flags (bit0: quality measured), tokens, l1, psnr
+_REC = struct.Struct("<IBHff")  # probe key, flags (bit0: quality measured, bit1: positions follow the ids), ...
 
 
-def cache_key(image: torch.Tensor, fingerprint: str, halting: str) -> str:
-    """sha256 of the preprocessed pixels (as 8-bit), the model fingerprint and the halting mode."""
+def cache_key(image: torch.Tensor, fingerprint: str, variant: str) -> str:
+    """sha256 of the preprocessed pixels (as 8-bit), the model fingerprint and the settings that
+    change its tokens (`Limits.variant`: ALIT's halting mode)."""
     pixels = image.detach().mul(255).round().to(torch.uint8).cpu().numpy().tobytes()
     h = hashlib.sha256(pixels)
-    h.update(f"|{fingerprint}|{halting}".encode())
+    h.update(f"|{fingerprint}|{variant}".encode())
     return h.hexdigest()
 
 
@@ -49,14 +52,14 @@ class Trajectory:
         return len(self.records)
 
     def merge(self, records) -> Trajectory:
-        """Add iterations; a measured record replaces an unmeasured one, never the reverse."""
+        """Add probes; a measured record replaces an unmeasured one, never the reverse."""
         for r in records:
             old = self.records.get(r.iteration)
             if old is None or (old.l1 is None and r.l1 is not None):
                 self.records[r.iteration] = r
         return self
 
-    def lookup(self, target: Target, limits: ModelLimits) -> Selection | None:
+    def lookup(self, target: Target, limits: Limits) -> Selection | None:
         """The answer the engine gives `target`, when the stored iterations determine it: the engine's
         own rule (`Target.select`) over what is stored; None sends the request to the engine."""
         return target.select(self.records, limits)
@@ -64,30 +67,41 @@ class Trajectory:
     # ----- binary format ---------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         recs = sorted(self.records.values(), key=lambda r: r.iteration)
-        wide = any(int(r.token_ids.max(initial=0)) > 0xFFFF for r in recs)
+        wide = any(int(r.token_ids.max(initial=0)) > 0xFFFF or
+                   (r.positions is not None and int(r.positions.max(initial=0)) > 0xFFFF) for r in recs)
         dtype = np.dtype("<u4") if wide else np.dtype("<u2")
         parts = [_HEAD.pack(FORMAT_VERSION, len(recs), dtype.itemsize)]
         for r in recs:
             measured = r.l1 is not None
-            parts.append(_REC.pack(r.iteration, int(measured), r.token_ids.shape[0],
+            flags = int(measured) | (2 if r.positions is not None else 0)
+            parts.append(_REC.pack(r.iteration, flags, r.token_ids.shape[0],
                                    r.l1 if measured else 0.0, r.psnr if measured and r.psnr is not None else 0.0))
             parts.append(r.token_ids.astype(dtype).tobytes())
+            if r.positions is not None:
+                parts.append(r.positions.astype(dtype).tobytes())
         return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Trajectory:
+        """Either format: version 2, or version 1 (ALIT only: one-byte iterations, no positions)."""
         version, n, width = _HEAD.unpack_from(data, 0)
-        if version != FORMAT_VERSION:
+        if version not in (1, FORMAT_VERSION):
             raise ValueError(f"unknown cache record version {version}")
+        rec = _REC if version == FORMAT_VERSION else _REC_V1
         dtype = np.dtype("<u4") if width == 4 else np.dtype("<u2")
         off, recs = _HEAD.size, []
         for _ in range(n):
-            it, flags, count, l1, psnr = _REC.unpack_from(data, off)
-            off += _REC.size
+            it, flags, count, l1, psnr = rec.unpack_from(data, off)
+            off += rec.size
             ids = np.frombuffer(data, dtype=dtype, count=count, offset=off).astype(np.int32)
             off += count * width
+            pos = None
+            if flags & 2:
+                pos = np.frombuffer(data, dtype=dtype, count=count, offset=off).astype(np.int32)
+                off += count * width
             measured = bool(flags & 1)
-            recs.append(IterationRecord(it, ids, float(l1) if measured else None, float(psnr) if measured else None))
+            recs.append(IterationRecord(it, ids, float(l1) if measured else None, float(psnr) if measured else None,
+                                        pos))
         return cls().merge(recs)
 
 

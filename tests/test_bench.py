@@ -8,13 +8,14 @@ import statistics
 
 import pytest
 import torch
+from conftest import run_cli
 
 from service.bench import DEFAULT_IMAGES, simulate, workload
-from service.engine import ModelLimits, Target
+from service.engine import Target
 from service.engine.admission import CostCurve
 from service.engine.policies import Continuous, Lockstep, Reference, make_policy
+from service.model.alit import ALITLimits
 from service.model.registry import resolve
-from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def measured():
     """The shipped model's own halting on the fixture photos and crops of them (the benchmark's corpus)."""
     loaded = resolve("service/weights")
     cfg = loaded.config
-    limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
+    limits = ALITLimits(cfg.tokens_per_iter, cfg.max_iters)
     pixels = workload.tensors(workload.corpus(workload.load_folder(DEFAULT_IMAGES), 16), cfg.img_size)
     l1, psnr = workload.measure_iterations(loaded.model, pixels, halting=True)
     targets = workload.calibrate_targets(l1, psnr, limits)
@@ -76,7 +77,7 @@ def test_policies_admit_as_their_strategy_says():
 def test_select_is_the_engine_rule_for_a_target():
     from service.engine.records import IterationRecord
 
-    limits = ModelLimits(32, 8)
+    limits = ALITLimits(32, 8)
     recs = {n: IterationRecord(n, torch.zeros(32 * n).numpy(), l1, 20.0) for n, l1 in
             zip(range(1, 9), [0.3, 0.2, 0.25, 0.1, 0.09, 0.2, 0.2, 0.2])}
     assert Target(max_l1=0.15).select(recs, limits).iterations == 4
@@ -96,7 +97,7 @@ def test_bench_command_writes_the_report(tmp_path):
     rep = json.loads(out.read_text())
     for name in ("reference", "lockstep", "continuous"):
         s = rep["strategies"][name]
-        assert s["saturation_throughput"] > 0 and 0 < s["efficiency"]
+        assert s["saturation_throughput"] > 0 and s["efficiency"] > 0
         assert s["p99_at_70pct_lockstep_load"] >= s["p50_at_70pct_lockstep_load"] > 0
         # two rounds, strategies interleaved; the report keeps both runs and their median
         assert len(s["saturation_runs"]) == 2 and s["saturation_throughput"] == statistics.median(s["saturation_runs"])

@@ -19,7 +19,7 @@ from service.engine import (
     Target,
 )
 from service.engine.runner import ItemFailed, split_run
-from service.model.alit import quality
+from service.model.alit import ALITLimits, quality
 from service.model.checkpoint import LoadedModel, load_model
 
 THR = 0.8775  # the fixture's encode threshold: images stop at iterations 1, 2 and 3
@@ -34,7 +34,7 @@ def alone(model, image, target: Target, halting: bool):
     """What the model gives this image alone: (selected iteration, ids, l1, met)."""
     states = model.prepare(image[None])
     best = first = None
-    cap = target.iteration_cap(type("L", (), {"tokens_per_iter": 32, "max_iters": 8})())
+    cap = len(target.ladder(ALITLimits(32, 8)))
     for n in range(1, cap + 1):
         out = model.advance(states, halting=halting)[0]
         if not target.needs_quality:

@@ -8,9 +8,9 @@ import io
 import httpx
 import numpy as np
 import pytest
+from conftest import FIXTURE
 from PIL import Image
 
-from conftest import FIXTURE
 from service.api.intake import DecodeBudget
 from service.imaging import ImageLimits, decode_image, open_image, plan_decode, preprocess
 
@@ -131,11 +131,12 @@ def test_repeated_bytes_skip_decoding_until_the_cache_cannot_answer(start_server
 
 def test_input_memo_remembers_keys_not_failures():
     from service.api.intake import Intake
-    from service.engine import ModelLimits, Target
+    from service.engine import Target
     from service.imaging import ImageError
+    from service.model.alit import ALITLimits
 
     intake = Intake(ImageLimits(), 64, 4, DecodeBudget(10**9), keyer=lambda px: f"k{int(px.sum())}", memo_entries=1)
-    limits, default = ModelLimits(32, 8), Target(max_l1=0.1)
+    limits, default = ALITLimits(32, 8), Target(max_l1=0.1)
     data = photo((320, 240))
 
     async def run():

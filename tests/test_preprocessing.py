@@ -8,9 +8,8 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import FIXTURE
+from PIL import Image
 
 # (width, height): 103x68 is where round() and int() of the resized side differ (97 vs 96 at 64 px)
 SIZES = [(103, 68), (68, 103), (65, 64), (64, 65), (200, 7), (31, 500), (1000, 999), (63, 63), (64, 64), (97, 130)]
@@ -32,14 +31,15 @@ def _service(data: bytes, size: int) -> torch.Tensor:
     import asyncio
 
     from service.api.intake import DecodeBudget, Intake
-    from service.engine import ModelLimits, Target
+    from service.engine import Target
     from service.imaging import ImageLimits
+    from service.model.alit import ALITLimits
     from service.settings import Settings
 
     s = Settings()
     intake = Intake(ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels), size, s.decode_scale,
                     DecodeBudget(s.decode_memory_mb * 1024 * 1024))
-    ((pixels, _, _),) = asyncio.run(intake.prepare([(data, {})], ModelLimits(32, 8), Target(max_l1=0.07)))
+    ((pixels, _, _),) = asyncio.run(intake.prepare([(data, {})], ALITLimits(32, 8), Target(max_l1=0.07)))
     return pixels
 
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from service.engine import ModelLimits, Target, TargetError, check_token_ids, parse_target
+from service.engine import Target, TargetError, check_token_ids, parse_target
+from service.model.alit import ALITLimits
 
-L = ModelLimits(tokens_per_iter=32, max_iters=8)
+L = ALITLimits(tokens_per_iter=32, max_iters=8, codebook=256)
 DEFAULT = Target(max_l1=0.07)
 
 
 def test_valid_targets():
     assert parse_target(None, L, DEFAULT) == DEFAULT
     assert parse_target({"max_l1": 0.1}, L, DEFAULT) == Target(max_l1=0.1)
-    assert parse_target({"tokens": 64}, L, DEFAULT).iteration_cap(L) == 2
+    assert parse_target({"tokens": 64}, L, DEFAULT).ladder(L) == [1, 2]  # an exact budget answers with its last
     assert parse_target({"max_tokens": 128}, L, DEFAULT) == Target(max_l1=0.07, max_tokens=128)
-    assert parse_target({"min_psnr": 30, "max_tokens": 96}, L, DEFAULT).iteration_cap(L) == 3
+    assert parse_target({"min_psnr": 30, "max_tokens": 96}, L, DEFAULT).ladder(L) == [1, 2, 3]
     assert parse_target({"max_l1": None, "tokens": 32.0}, L, DEFAULT) == Target(tokens=32)
 
 
@@ -64,9 +65,10 @@ def test_met_and_better():
 ])
 def test_token_id_validation(ids, fragment):
     with pytest.raises(TargetError) as e:
-        check_token_ids(ids, 256, L)
+        check_token_ids(ids, L)
     assert e.value.field == "token_ids" and fragment in e.value.message
 
 
 def test_token_ids_ok():
-    assert check_token_ids(list(range(64)), 256, L).shape == (64,)
+    ids, positions = check_token_ids(list(range(64)), L)
+    assert ids.shape == (64,) and positions is None

@@ -19,28 +19,28 @@ log = logging.getLogger("alit.pipeline")
 
 @dataclass
 class Outcome:
-    record: IterationRecord  # the returned iteration
+    record: IterationRecord  # the returned probe (ALIT: iteration)
     iterations: int
     target_met: bool
     cached: bool
-    trajectory: list[IterationRecord]  # every iteration up to the answer, in order
+    trajectory: list[IterationRecord]  # every probe of the target's ladder up to the answer, in order
     queue_s: float
     compute_s: float
 
 
 class TokenizePipeline:
-    def __init__(self, engine: EngineInterface, cache, halting_tag: str, observer=None, lease_ttl_s: float = 10.0):
+    def __init__(self, engine: EngineInterface, cache, variant: str, observer=None, lease_ttl_s: float = 10.0):
         self.engine = engine
         self.cache = cache
         self.fingerprint = engine.loaded.fingerprint
-        self.halting_tag = halting_tag
+        self.variant = variant
         self.flights = LocalFlights()
         self.replicas = ReplicaFlights(cache, lease_ttl_s)
         self.observer = observer
 
     def key(self, image: torch.Tensor) -> str:
         """The image's cache key (model input pixels, model, halting settings)."""
-        return cache_key(image, self.fingerprint, self.halting_tag)
+        return cache_key(image, self.fingerprint, self.variant)
 
     def _event(self, kind: str) -> None:
         if self.observer is not None:
@@ -62,7 +62,7 @@ class TokenizePipeline:
             if hit is not None:
                 self._event("hit")
                 log.debug("cache hit: %d of %d stored iterations", hit.iterations, len(stored))
-                return self._from_trajectory(stored, hit, progress)
+                return self._from_trajectory(stored, target, limits, hit, progress)
             leader = self.flights.leader(key)
             if leader is None:
                 break
@@ -80,7 +80,7 @@ class TokenizePipeline:
         if stored is not None:
             self.flights.done(key, stored)
             self._event("hit")
-            return self._from_trajectory(stored, stored.lookup(target, limits), progress)
+            return self._from_trajectory(stored, target, limits, stored.lookup(target, limits), progress)
         return await self._compute(key, image, target, deadline, progress, tag, lead=True, lease=lease)
 
     async def _compute(self, key, image, target, deadline, progress, tag, lead: bool, lease=None) -> Outcome:
@@ -140,8 +140,8 @@ class TokenizePipeline:
         return r
 
     @staticmethod
-    def _from_trajectory(traj: Trajectory, hit, progress) -> Outcome:
-        records = [traj.records[n] for n in sorted(traj.records) if n <= hit.iterations]
+    def _from_trajectory(traj: Trajectory, target: Target, limits, hit, progress) -> Outcome:
+        records = target.walked(traj.records, limits, hit.iterations)
         if progress is not None:
             for rec in records:
                 progress(rec)

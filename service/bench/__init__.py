@@ -34,7 +34,7 @@ def _progress(msg: str, t0: float) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..engine import EngineSettings, ModelLimits
+    from ..engine import EngineSettings
     from ..model.precision import precision
     from ..model.registry import resolve
     from . import live, profile, simulate, workload
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> dict:
     loaded = resolve(args.model)
     cfg = loaded.config
     model = loaded.model.to(args.device).eval()
-    limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
+    limits = loaded.limits
     images = workload.corpus(workload.load_folder(args.images), args.crops)
     pixels = workload.tensors(images, cfg.img_size)
     _progress(f"model {args.model} ({cfg.img_size} px) on {args.device}, {torch.get_num_threads()} threads; "

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..engine import ModelLimits, Target
+from ..engine import Target
 from ..engine.admission import CostCurve, sizes_up_to
 from ..engine.jobs import Job, TokenizeJob
 from ..engine.observer import EngineObserver
 from ..engine.policies import make_policy
 from ..engine.scheduler import Scheduler
-from ..model.alit import ImageState, StepOutput
+from ..model.alit import ALITLimits, ImageState, StepOutput
 from .workload import Request, poisson
 
 
@@ -50,7 +50,7 @@ class SimulatedDevice:
 
     device = "simulated"
 
-    def __init__(self, costs: SimCosts, clock: VirtualClock, limits: ModelLimits):
+    def __init__(self, costs: SimCosts, clock: VirtualClock, limits: ALITLimits):
         self.costs, self.clock, self.limits = costs, clock, limits
         self.halts_at: dict[int, int | None] = {}  # id(job) -> iteration whose check passes (None: never)
 
@@ -86,7 +86,7 @@ class SimulatedDevice:
         return out
 
 
-def sim_target(req: Request, limits: ModelLimits) -> Target:
+def sim_target(req: Request, limits: ALITLimits) -> Target:
     """A target that makes the stand-in halt where the real model does for this request."""
     if req.target.tokens is not None:
         return req.target
@@ -97,7 +97,7 @@ def _latency(latencies: list[float], clock: VirtualClock, arrived: float, _futur
     latencies.append(clock.now - arrived)
 
 
-def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limits: ModelLimits,
+def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limits: ALITLimits,
              costs: SimCosts, max_batch: int, lockstep_max_delay: float = 0.010) -> dict:
     clock = VirtualClock()
     device = SimulatedDevice(costs, clock, limits)
@@ -149,7 +149,7 @@ def sim_cost_curve(costs: SimCosts, max_batch: int) -> CostCurve:
     return CostCurve({n: costs.call(costs.iteration_s, n) for n in sizes_up_to(max_batch)})
 
 
-def compare(reqs: list[Request], limits: ModelLimits, saturation: int, n_poisson: int = 2000,
+def compare(reqs: list[Request], limits: ALITLimits, saturation: int, n_poisson: int = 2000,
             load: float = 0.7, strategies=("reference", "lockstep", "continuous")) -> dict:
     """Saturation throughput per strategy, then p50/p99 at `load` x lock-step's saturation."""
     costs = SimCosts(saturation=saturation)

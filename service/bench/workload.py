@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..engine import ModelLimits, Target
+from ..engine import Target
 from ..engine.records import IterationRecord
 from ..imaging import preprocess
-from ..model.alit import ALIT
+from ..model.alit import ALIT, ALITLimits
 from ..model.measure import iterate_and_measure
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -79,7 +79,7 @@ def measure_iterations(model: ALIT, images: torch.Tensor, halting: bool,
     return np.concatenate(l1s, axis=1), np.concatenate(psnrs, axis=1)
 
 
-def calibrate_targets(l1: np.ndarray, psnr: np.ndarray, limits: ModelLimits) -> list[Target]:
+def calibrate_targets(l1: np.ndarray, psnr: np.ndarray, limits: ALITLimits) -> list[Target]:
     """Three L1 levels (the median image's L1 after 2, 4 and 6 iterations), one PSNR level (after 4)
     and three exact budgets (2, 4 and every iteration's tokens)."""
     k, t = limits.max_iters, limits.tokens_per_iter
@@ -97,7 +97,7 @@ class Request:
     target_met: bool
 
 
-def halting_plan(l1: np.ndarray, psnr: np.ndarray, image: int, target: Target, limits: ModelLimits) -> tuple[int, bool]:
+def halting_plan(l1: np.ndarray, psnr: np.ndarray, image: int, target: Target, limits: ALITLimits) -> tuple[int, bool]:
     """Where `target` halts on image `image`, by the engine's own rule (`Target.select`)."""
     records = {n + 1: IterationRecord(n + 1, np.zeros(0, np.int32), float(l1[n, image]), float(psnr[n, image]))
                for n in range(l1.shape[0])}
@@ -107,7 +107,7 @@ def halting_plan(l1: np.ndarray, psnr: np.ndarray, image: int, target: Target, l
 
 
 def requests(n: int, n_images: int, targets: list[Target], l1: np.ndarray, psnr: np.ndarray,
-             limits: ModelLimits, seed: int) -> list[Request]:
+             limits: ALITLimits, seed: int) -> list[Request]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):

@@ -5,12 +5,12 @@ from .interface import EngineInterface
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
 from .records import IterationRecord, Selection, TokenizeResult
-from .targets import ModelLimits, Target, TargetError, check_token_ids, parse_target
+from .targets import Limits, Target, TargetError, check_token_ids, parse_target
 from .workers import Engine, EngineSettings
 
 __all__ = [
     "DeadlineExceeded", "Engine", "EngineError", "EngineInterface", "EngineObserver", "EngineSettings",
-    "EngineStopped", "EngineUnavailable", "IterationRecord", "Job", "ModelLimits", "QueueFull", "ReconstructJob",
+    "EngineStopped", "EngineUnavailable", "IterationRecord", "Job", "Limits", "QueueFull", "ReconstructJob",
     "Selection", "StepFailed", "Target", "TargetError", "TokenizeJob", "TokenizeResult", "check_token_ids",
     "parse_target",
 ]

@@ -21,7 +21,7 @@ from .observer import EngineObserver
 from .policies import Continuous
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .targets import ModelLimits, Target
+from .targets import Limits, Target
 
 TOLERANCE = 0.10  # per-image cost within 10 % of the best measured counts as "as cheap"
 
@@ -55,17 +55,17 @@ def sizes_up_to(max_batch: int) -> list[int]:
     return [*out, max_batch]
 
 
-def measure_cost_curve(runner: ModelRunner, limits: ModelLimits, max_batch: int, halting: bool,
+def measure_cost_curve(runner: ModelRunner, limits: Limits, max_batch: int, halting: bool,
                        repeats: int = 3) -> CostCurve:
     """Time steady-state steps of a real scheduler on `runner` at 1, 2, 4, ... max_batch images in
-    flight: every step admits k = n / (max_iters / 2) new images (an image stays about half the
+    flight: every step admits k = n / (max_probes / 2) new images (an image stays about half the
     iterations) while the k oldest leave, so a step holds what a busy step holds — the encode of its
     admissions, one packed iteration for all n, their quality checks, and the scheduler's own work.
     The best of `repeats` steps per size; nothing is kept (a scheduler and images of its own)."""
-    cfg = runner.model.cfg
+    size = limits.img_size
     sched = Scheduler(runner, Continuous(max_batch=max_batch), EngineObserver(), limits, halting=halting)
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(2 * max_batch, 3, cfg.img_size, cfg.img_size, generator=g)
+    images = torch.rand(2 * max_batch, 3, size, size, generator=g)
     never = Target(max_l1=1e-9)  # quality measured at every iteration, never met
     counter = iter(range(1 << 30))
 
@@ -74,7 +74,7 @@ def measure_cost_curve(runner: ModelRunner, limits: ModelLimits, max_batch: int,
 
     curve = CostCurve()
     for n in sizes_up_to(max_batch):
-        k = max(1, round(n / max(1.0, limits.max_iters / 2)))
+        k = max(1, round(n / max(1.0, limits.max_probes / 2)))
         sched.step(new_jobs(n))
         best = float("inf")
         for r in range(repeats + 1):  # the first step warms this size's shapes

@@ -13,13 +13,13 @@ import torch
 from ..model.checkpoint import LoadedModel
 from .observer import EngineObserver
 from .records import IterationRecord, TokenizeResult
-from .targets import ModelLimits, Target
+from .targets import Limits, Target
 
 
 @runtime_checkable
 class EngineInterface(Protocol):
     loaded: LoadedModel
-    limits: ModelLimits
+    limits: Limits
     observer: EngineObserver
     accepting: bool  # False while draining or stopped: submissions raise EngineStopped
 
@@ -41,5 +41,5 @@ class EngineInterface(Protocol):
     async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None = None,
                        trajectory: bool = False, progress: Callable[[IterationRecord], None] | None = None,
                        tag: str | None = None) -> TokenizeResult: ...
-    async def reconstruct(self, token_ids: list[np.ndarray] | list[list[int]],
-                          deadline: float | None = None) -> list[torch.Tensor]: ...
+    async def reconstruct(self, token_ids: list[np.ndarray] | list[list[int]], deadline: float | None = None,
+                          positions: list | None = None) -> list[torch.Tensor]: ...

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from ..model.alit import ImageState
 from .records import IterationRecord
 from .targets import Target
 
@@ -56,13 +55,13 @@ class TokenizeJob(Job):
     target: Target = field(default_factory=Target)
     want_trajectory: bool = False
     progress: Callable[[IterationRecord], None] | None = None  # called from the worker thread
-    state: ImageState | None = None
-    records: dict[int, IterationRecord] = field(default_factory=dict)  # by iteration, while it runs
+    state: Any = None  # the family's per-image state while it runs (model/family.py)
+    records: dict[int, IterationRecord] = field(default_factory=dict)  # by probe key, while it runs
     pixel_decodes: int = 0
     compute_started: float | None = None
 
     @property
-    def running(self) -> ImageState:
+    def running(self) -> Any:
         """Its state while admitted and not retired (the scheduler's invariant)."""
         assert self.state is not None, "a job that is not running has no state"
         return self.state
@@ -71,3 +70,4 @@ class TokenizeJob(Job):
 @dataclass(eq=False)
 class ReconstructJob(Job):
     token_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (n,) int64
+    positions: torch.Tensor | None = None  # (n,) int64, for families whose tokens carry positions

@@ -1,5 +1,7 @@
-"""Executing a step's model calls on one device: VQGAN encode on admission, one packed recurrent
-iteration for every running image, one pixel decode for every quality check and reconstruction.
+"""Executing a step's model calls on one device: encode on admission (`prepare`: the VQGAN), one
+packed probe for every running image (ALIT: a recurrent iteration; KARL: a single pass), one
+decoder call where logits are missing, one pixel decode for every quality check and reconstruction.
+The model is any family's `Tokenizer` (model/family.py).
 No decisions here (the scheduler decides who runs); a call that fails is retried on halves so an
 image that makes the model fail fails alone (`split_run`), and every call is timed for metrics."""
 
@@ -13,7 +15,7 @@ from typing import TypeVar, cast
 
 import torch
 
-from ..model.alit import ALIT, content_seed, quality
+from ..model.family import Tokenizer, content_seed, quality
 from ..model.precision import precision
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
@@ -53,7 +55,7 @@ def split_run(fn: Callable[[list[T]], list], items: list[T]) -> list:
 class ModelRunner:
     """The model on one device, called once per stage per step over every image of the step."""
 
-    def __init__(self, model: ALIT, device: str, dtype: str, batch_mode: str, observer: EngineObserver):
+    def __init__(self, model: Tokenizer, device: str, dtype: str, batch_mode: str, observer: EngineObserver):
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -94,30 +96,32 @@ class ModelRunner:
 
     # ----- the stages ----------------------------------------------------------------------------------
     def prepare(self, jobs: list[TokenizeJob]) -> list:
-        """VQGAN-encode the admitted images: an ImageState (or ItemFailed) per job."""
+        """Encode the admitted images: the family's state (or ItemFailed) per job."""
         with self._timed("prepare", [0] * len(jobs), [1] * len(jobs)):
             return self.call(lambda js: self.model.prepare(
                 torch.stack([j.image for j in js]).to(self.device),
                 seeds=[content_seed(j.image) for j in js]), jobs)  # hashed where the pixels are: the CPU
 
-    def advance(self, jobs: list[TokenizeJob], halting: bool) -> list:
-        """One recurrent iteration for every job, whatever its iteration: a StepOutput per job.
-        With halting, the step's decode gives each output its logits too."""
+    def advance(self, jobs: list[TokenizeJob], probes: list[int], halting: bool) -> list:
+        """One probe for every job (`probes[i]` for `jobs[i]`), whatever each one's progress: a
+        StepOutput per job. With ALIT's halting, the step's decode gives each output its logits too."""
         its = [j.running.iteration + 1 for j in jobs]
-        cfg = self.model.cfg
-        weights = [cfg.num_image_tokens + 1 + cfg.tokens_per_iter * n for n in its]  # each one's sequence length
+        key = {id(j): p for j, p in zip(jobs, probes)}
+        weights = [self.model.step_weight(j.running, p) for j, p in zip(jobs, probes)]  # each one's sequence length
 
         def timer(stage: str) -> contextlib.AbstractContextManager:
             return self._timed(stage, its, weights)
 
-        return self.call(lambda js: self.model.advance([j.running for j in js], halting=halting, stage_timer=timer),
-                         jobs)
+        return self.call(lambda js: self.model.advance([j.running for j in js], probes=[key[id(j)] for j in js],
+                                                       halting=halting, stage_timer=timer), jobs)
 
-    def decode_logits(self, jobs: list[Job], token_ids: list[torch.Tensor], iterations: list[int]) -> list:
-        """Token ids -> logits (G, V) per job (quality checks without halting, /reconstruct)."""
-        ids = {id(j): t for j, t in zip(jobs, token_ids)}
-        with self._timed("decoder", iterations, [t.shape[0] for t in token_ids]):
-            return self.call(lambda js: list(self.model.decode_logits([ids[id(j)] for j in js])), jobs)
+    def decode_logits(self, jobs: list[Job], tokens: list[tuple[torch.Tensor, torch.Tensor | None]],
+                      iterations: list[int]) -> list:
+        """(token ids, positions) -> logits (G, V) per job (quality checks without halting, /reconstruct)."""
+        seq = {id(j): t for j, t in zip(jobs, tokens)}
+        with self._timed("decoder", iterations, [t[0].shape[0] for t in tokens]):
+            return self.call(lambda js: list(self.model.decode_logits([seq[id(j)][0] for j in js],
+                                                                      [seq[id(j)][1] for j in js])), jobs)
 
     def pixels(self, jobs: list[Job], logits: list[torch.Tensor], iterations: list[int]) -> list:
         """One VQGAN decode for the step: (L1, PSNR) for a tokenize job (its reconstruction against

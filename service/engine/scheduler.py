@@ -4,8 +4,9 @@ Each `Scheduler.step` (run by one worker thread) does, in order:
 1. drop running, encoded or newly taken jobs whose deadline passed or whose client went away;
 2. encode the new jobs (one batched VQGAN encode, `ModelRunner.prepare`) into the `ready` list,
    and start as many ready images as the policy has free slots, oldest first;
-3. advance every running image by one iteration in ONE packed model call, whatever its iteration
-   (2D-token halting included when enabled);
+3. advance every running image by one probe in ONE packed model call, whatever its probe (ALIT:
+   its next iteration, 2D-token halting included when enabled; KARL: a single pass at the budget and
+   quality conditioning its target's ladder names next, `Target.next_probe`);
 4. measure quality only where a target needs it, in ONE pixel-decode call for the whole step, with
    the step's `/reconstruct` jobs riding along;
 5. retire every image whose answer is determined (`Target.select`), resolving its future at once;
@@ -21,21 +22,21 @@ import time
 
 import torch
 
-from ..model.alit import StepOutput
+from ..model.family import StepOutput
 from .errors import DeadlineExceeded, StepFailed
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
 from .policies import Policy
 from .records import IterationRecord, TokenizeResult
 from .runner import ItemFailed, ModelRunner
-from .targets import ModelLimits
+from .targets import Limits
 
 
 class Scheduler:
     """`runner` executes (a `ModelRunner`, or the benchmark's simulated device); the scheduler only
     decides and keeps each image's records."""
 
-    def __init__(self, runner: ModelRunner, policy: Policy, observer: EngineObserver, limits: ModelLimits, *,
+    def __init__(self, runner: ModelRunner, policy: Policy, observer: EngineObserver, limits: Limits, *,
                  halting: bool = True):
         self.runner = runner
         self.device = runner.device
@@ -138,20 +139,21 @@ class Scheduler:
             self.ready.append(j)
 
     def _iterate(self, jobs: list[TokenizeJob], reconstruct: list[ReconstructJob]) -> None:
+        probes = [j.target.next_probe(j.records, self.limits) for j in jobs]
         stepped: list[tuple[TokenizeJob, StepOutput]] = (
-            self._ok(jobs, self.runner.advance(jobs, self.halting)) if jobs else [])
+            self._ok(jobs, self.runner.advance(jobs, probes, self.halting)) if jobs else [])  # type: ignore[arg-type]
         outs = {id(j): o for j, o in stepped}
         need = [j for j, _ in stepped if self.policy.measure_every_iteration or j.target.needs_quality]
         # logits for the pixel decode: the halting step decoded them already; else one decoder call
         undecoded_tok = [j for j in need if outs[id(j)].logits is None]
-        ids = [outs[id(j)].token_ids for j in undecoded_tok]
+        seqs = [(outs[id(j)].token_ids, outs[id(j)].positions) for j in undecoded_tok]
         its = [j.running.iteration for j in undecoded_tok]
         undecoded: list[Job] = [*undecoded_tok, *reconstruct]
-        ids += [j.token_ids for j in reconstruct]
+        seqs += [(j.token_ids, j.positions) for j in reconstruct]
         its += [0] * len(reconstruct)
         logits: dict[int, torch.Tensor] = {id(j): o.logits for j, o in stepped if o.logits is not None}
         if undecoded:
-            for j, lg in self._ok(undecoded, self.runner.decode_logits(undecoded, ids, its)):
+            for j, lg in self._ok(undecoded, self.runner.decode_logits(undecoded, seqs, its)):
                 logits[id(j)] = lg
         to_decode: list[Job] = [j for j in [*need, *reconstruct] if id(j) in logits and not j.future.done()]
         measured: dict[int, tuple[float, float]] = {}
@@ -165,13 +167,11 @@ class Scheduler:
                     j.pixel_decodes += 1
             self.pixel_decodes += len(measured)
         done = []
-        ids_cpu = torch.cat([o.token_ids for _, o in stepped]).to("cpu", torch.int32).split(
-            [o.token_ids.shape[0] for _, o in stepped]) if stepped else []  # one device-to-host copy
-        for (j, _), ids in zip(stepped, ids_cpu):
+        for (j, o), ids, pos in zip(stepped, *self._to_cpu([o for _, o in stepped])):
             if j.future.done():  # its decode or measurement failed
                 continue
             l1, psnr = measured.get(id(j), (None, None))
-            if self._record(j, ids.numpy(), l1, psnr):
+            if self._record(j, IterationRecord(o.probe, ids, l1, psnr, pos)):
                 done.append(j)
         if done:
             finished = set(map(id, done))
@@ -179,14 +179,24 @@ class Scheduler:
             for j in done:
                 self._retire(j)
 
-    def _record(self, j: TokenizeJob, token_ids, l1: float | None, psnr: float | None) -> bool:
-        """Store this iteration's outcome; True when the image is done."""
-        n = j.running.iteration
-        rec = IterationRecord(n, token_ids, l1, psnr)
-        j.records[n] = rec
+    @staticmethod
+    def _to_cpu(outs: list[StepOutput]) -> tuple[list, list]:
+        """Every output's token ids (and positions, where it has them) as int32 numpy arrays, in one
+        device-to-host copy."""
+        if not outs:
+            return [], []
+        parts = [o.token_ids for o in outs] + [o.positions for o in outs if o.positions is not None]
+        flat = torch.cat(parts).to("cpu", torch.int32).split([p.shape[0] for p in parts])
+        ids, rest = [t.numpy() for t in flat[:len(outs)]], iter(flat[len(outs):])
+        pos = [None if o.positions is None else next(rest).numpy() for o in outs]
+        return ids, pos
+
+    def _record(self, j: TokenizeJob, rec: IterationRecord) -> bool:
+        """Store this probe's outcome; True when the image is done."""
+        j.records[rec.iteration] = rec
         if j.progress is not None:
             j.progress(rec)
-        if self.policy.runs_to_cap and n < j.target.iteration_cap(self.limits):
+        if self.policy.runs_to_cap and j.target.next_probe(j.records, self.limits) is not None:
             return False
         return j.target.select(j.records, self.limits) is not None
 
@@ -196,6 +206,7 @@ class Scheduler:
         now = time.monotonic()
         result = TokenizeResult(
             token_ids=chosen.record.token_ids,
+            positions=chosen.record.positions,
             iterations=j.running.iteration,
             selected_iteration=chosen.record.iteration,
             l1=chosen.record.l1,
@@ -207,7 +218,7 @@ class Scheduler:
                 "compute_s": now - (j.compute_started or now),
                 "total_s": now - j.submitted,
             },
-            trajectory=[j.records[k] for k in sorted(j.records)] if j.want_trajectory else None,
+            trajectory=j.target.walked(j.records, self.limits, len(j.records)) if j.want_trajectory else None,
         )
         j.state = None  # free the sequence now
         self.observer.retired(j.target.kind, result.selected_iteration, result.num_tokens, result.target_met)

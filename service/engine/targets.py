@@ -3,10 +3,12 @@
 A target is one of:
 * `max_l1`   — mean absolute pixel error in [0, 1] (the paper's criterion), optionally with `min_psnr`;
 * `min_psnr` — PSNR in dB of the clamped reconstruction;
-* `tokens`   — an exact budget (a multiple of the tokens per iteration): no quality measured at all;
-and `max_tokens` caps a quality target. An image halts at the first iteration meeting its target;
-when none does (within the cap) the best iteration is returned with `target_met = False`, as the
-reference `encode()` does (lowest L1; highest PSNR for a PSNR-only target).
+* `tokens`   — an exact budget (ALIT: a multiple of the tokens per iteration): no quality measured;
+and `max_tokens` caps a quality target. Which fields a model honours, and which *probes* (ALIT:
+iterations; KARL: single passes at a budget and quality conditioning) a target walks, is its
+family's `Limits` (model/family.py). An image halts at the first probe meeting its target; when
+none does, the best probe is returned with `target_met = False`, as the reference `encode()` does
+(lowest L1; highest PSNR for a PSNR-only target).
 """
 
 from __future__ import annotations
@@ -16,29 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..model.family import TARGET_FIELDS as FIELDS
+from ..model.family import Limits, TargetError
 from .records import IterationRecord, Selection
 
-FIELDS = ("max_l1", "min_psnr", "tokens", "max_tokens")
 MAX_PSNR = 100.0
-
-
-class TargetError(ValueError):
-    """An invalid target. `field` names the offending field for API error messages."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    tokens_per_iter: int
-    max_iters: int
-
-    @property
-    def max_tokens(self) -> int:
-        return self.tokens_per_iter * self.max_iters
 
 
 @dataclass(frozen=True)
@@ -58,10 +42,13 @@ class Target:
     def needs_quality(self) -> bool:
         return self.tokens is None
 
-    def iteration_cap(self, limits: ModelLimits) -> int:
-        """The last iteration (1-based count) this target may run."""
-        budget = self.tokens if self.tokens is not None else self.max_tokens
-        return limits.max_iters if budget is None else budget // limits.tokens_per_iter
+    def ladder(self, limits: Limits) -> list[int]:
+        """The probes this target walks on a model, in order (its family decides)."""
+        return limits.ladder(self.max_l1, self.min_psnr, self.tokens, self.max_tokens)
+
+    def next_probe(self, records: Mapping[int, IterationRecord], limits: Limits) -> int | None:
+        """The first probe of the ladder not yet recorded (None: every one has run)."""
+        return next((p for p in self.ladder(limits) if p not in records), None)
 
     def met(self, l1: float | None, psnr: float | None) -> bool:
         if not self.needs_quality:
@@ -79,22 +66,21 @@ class Target:
             return psnr > best_psnr
         return l1 < best_l1
 
-    def select(self, records: Mapping[int, IterationRecord], limits: ModelLimits) -> Selection | None:
+    def select(self, records: Mapping[int, IterationRecord], limits: Limits) -> Selection | None:
         """THE halting rule, used by the engine while it runs an image, by the cache on stored
-        iterations and by the Triton front: given the iterations known so far (by 1-based number),
-        the answer for this target, or None while it is not yet determined.
+        probes and by the Triton front: given the probes known so far (by key), the answer for
+        this target, or None while it is not yet determined.
 
-        A token budget answers with its iteration. A quality target answers with the first
-        iteration that meets it, or, once the cap is reached without one, the best iteration
-        (earliest on ties) with target_met False; an unmeasured iteration before that decides
-        nothing (None)."""
-        cap = self.iteration_cap(limits)
+        A token budget answers with its probe. A quality target walks its ladder and answers with
+        the first probe that meets it, or, past the last one, the best probe (earliest on ties)
+        with target_met False; an unmeasured probe before that decides nothing (None)."""
+        ladder = self.ladder(limits)
         if not self.needs_quality:
-            r = records.get(cap)
-            return Selection(r, cap, True) if r is not None else None
+            r = records.get(ladder[-1])
+            return Selection(r, len(ladder), True) if r is not None else None
         best: IterationRecord | None = None
-        for n in range(1, cap + 1):
-            r = records.get(n)
+        for n, key in enumerate(ladder, 1):
+            r = records.get(key)
             if r is None or r.l1 is None:
                 return None
             if self.met(r.l1, r.psnr):
@@ -102,7 +88,11 @@ class Target:
             if best is None or self.better(r.l1, r.psnr, best.l1, best.psnr):  # type: ignore[arg-type]
                 best = r
         assert best is not None
-        return Selection(best, cap, False)
+        return Selection(best, len(ladder), False)
+
+    def walked(self, records: Mapping[int, IterationRecord], limits: Limits, probes: int) -> list[IterationRecord]:
+        """The first `probes` records of this target's ladder (what an answer walked), in order."""
+        return [records[k] for k in self.ladder(limits)[:probes] if k in records]
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in FIELDS if getattr(self, k) is not None}
@@ -116,22 +106,20 @@ def _number(field: str, v: Any, lo: float, hi: float, lo_open: bool = True) -> f
     return float(v)
 
 
-def _budget(field: str, v: Any, limits: ModelLimits) -> int:
+def _budget(field: str, v: Any, limits: Limits) -> int:
     if isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, float) and v.is_integer()):
         raise TargetError(field, f"must be an integer, got {v!r}")
-    v = int(v)
-    t = limits.tokens_per_iter
-    if v < t or v > limits.max_tokens or v % t:
-        raise TargetError(field, f"must be a multiple of {t} between {t} and {limits.max_tokens}, got {v}")
-    return v
+    return limits.check_budget(field, int(v))
 
 
-def parse_target(spec: dict[str, Any] | None, limits: ModelLimits, default: Target) -> Target:
-    """Validate a client's target. Empty or None -> `default` (with any `max_tokens` applied)."""
+def parse_target(spec: dict[str, Any] | None, limits: Limits, default: Target) -> Target:
+    """Validate a client's target for a model. Empty or None -> `default` (with any `max_tokens`
+    applied). A field the model's family does not honour is a TargetError naming what it accepts."""
     spec = {k: v for k, v in (spec or {}).items() if v is not None}
     unknown = sorted(set(spec) - set(FIELDS))
     if unknown:
         raise TargetError(unknown[0], f"unknown target field (known: {', '.join(FIELDS)})")
+    limits.rejects(spec)
     max_l1 = _number("max_l1", spec["max_l1"], 0.0, 1.0) if "max_l1" in spec else None
     min_psnr = _number("min_psnr", spec["min_psnr"], 0.0, MAX_PSNR) if "min_psnr" in spec else None
     tokens = _budget("tokens", spec["tokens"], limits) if "tokens" in spec else None
@@ -150,11 +138,13 @@ def parse_target(spec: dict[str, Any] | None, limits: ModelLimits, default: Targ
     return Target(max_l1=max_l1, min_psnr=min_psnr, max_tokens=max_tokens)
 
 
-def check_token_ids(ids: Any, codebook_size: int, limits: ModelLimits):
-    """A client's 1D token sequence -> int64 tensor, or TargetError(field="token_ids")."""
+def check_token_ids(ids: Any, limits: Limits, positions: Any = None):
+    """A client's 1D token sequence (and the positions of its ids, for families whose tokens carry
+    them) -> (int64 tensor, int64 tensor or None), or TargetError naming the field."""
     import numpy as np
     import torch
 
+    codebook_size = limits.codebook_size
     try:
         arr = np.asarray(ids)
     except (ValueError, TypeError, OverflowError):
@@ -163,10 +153,17 @@ def check_token_ids(ids: Any, codebook_size: int, limits: ModelLimits):
         raise TargetError("token_ids", f"ids must be in [0, {codebook_size - 1}] (got integers beyond 64 bits)")
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise TargetError("token_ids", "must be a flat list of integers")
-    n, t = arr.shape[0], limits.tokens_per_iter
-    if n == 0 or n % t or n > limits.max_tokens:
-        raise TargetError("token_ids", f"length must be a multiple of {t} between {t} and {limits.max_tokens}, got {n}")
+    pos = None
+    if positions is not None:
+        try:
+            pos = np.asarray(positions)
+        except (ValueError, TypeError, OverflowError):
+            raise TargetError("positions", "must be a flat list of integers") from None
+        if pos.ndim != 1 or (pos.size and pos.dtype.kind not in "iu"):
+            raise TargetError("positions", "must be a flat list of integers")
+    limits.check_sequence(int(arr.shape[0]), pos)
     if arr.min() < 0 or arr.max() >= codebook_size:
         raise TargetError("token_ids",
                           f"ids must be in [0, {codebook_size - 1}], got values in [{arr.min()}, {arr.max()}]")
-    return torch.as_tensor(arr, dtype=torch.long)
+    return (torch.as_tensor(arr, dtype=torch.long),
+            None if pos is None else torch.as_tensor(pos, dtype=torch.long))

@@ -31,7 +31,7 @@ from .policies import make_policy
 from .records import IterationRecord, TokenizeResult
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .targets import ModelLimits, Target, check_token_ids
+from .targets import Target, check_token_ids
 
 log = logging.getLogger("alit.engine")
 
@@ -131,12 +131,12 @@ class Worker(threading.Thread):
     def warm_up(self) -> None:
         """One image through every iteration with a quality target: fills caches. With `compile`, the
         batch sizes of `warm_batch_sizes` (1, 2 and max batch), so serving never waits for a compilation."""
-        cfg = self.runner.model.cfg
+        size = self.engine.limits.img_size
         gen = torch.Generator().manual_seed(0)
         sizes = warm_batch_sizes(self.scheduler.policy.max_batch) if self.engine.settings.compile else (1,)
         for n in sizes:
-            jobs = [TokenizeJob(image=torch.rand(3, cfg.img_size, cfg.img_size, generator=gen),
-                                target=Target(max_l1=1e-9)) for _ in range(n)]  # never met: runs every iteration
+            jobs = [TokenizeJob(image=torch.rand(3, size, size, generator=gen),
+                                target=Target(max_l1=1e-9)) for _ in range(n)]  # never met: runs every probe
             self.scheduler.step(list(jobs))
             while self.scheduler.holding:
                 self.scheduler.step([])
@@ -191,13 +191,12 @@ class Engine:
         self.loaded = loaded
         self.settings = settings or EngineSettings()
         self.observer = observer or EngineObserver()
-        cfg = loaded.config
-        self.limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
+        self.limits = loaded.limits
         self.queue = WorkQueue(self.settings.max_queue, self.observer)
         self.workers: list[Worker] = []
         self.accepting = False
         self._step_time = 0.05  # EWMA of a step's duration (seconds), for Retry-After
-        self._iters = float(cfg.max_iters)  # EWMA of iterations per image
+        self._iters = float(self.limits.max_probes)  # EWMA of probes per image
 
     # ----- lifecycle --------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -336,7 +335,7 @@ class Engine:
                        trajectory: bool = False, progress=None, tag: str | None = None) -> TokenizeResult:
         """Tokenize one preprocessed image (3, H, W) in [0, 1]. `deadline` is time.monotonic()-based.
         `progress(record)` is called on the event loop after every iteration."""
-        size = self.loaded.config.img_size
+        size = self.limits.img_size
         if tuple(image.shape) != (3, size, size) or not image.is_floating_point():
             raise ValueError(f"expected a float image of shape (3, {size}, {size}), "
                              f"got {tuple(image.shape)} {image.dtype}")
@@ -352,9 +351,11 @@ class Engine:
         self._iters = 0.95 * self._iters + 0.05 * result.iterations
         return result
 
-    async def reconstruct(self, token_ids: list[np.ndarray] | list[list[int]],
-                          deadline: float | None = None) -> list[torch.Tensor]:
-        """Token sequences -> images (3, H, W) in [0, 1], one job per sequence, batched by the workers."""
-        seqs = [check_token_ids(ids, self.loaded.config.vq_codebook_size, self.limits) for ids in token_ids]
-        futs = self._submit([ReconstructJob(deadline=deadline, token_ids=t) for t in seqs])
+    async def reconstruct(self, token_ids: list[np.ndarray] | list[list[int]], deadline: float | None = None,
+                          positions: list | None = None) -> list[torch.Tensor]:
+        """Token sequences (with their ids' positions, for families whose tokens carry them) ->
+        images (3, H, W) in [0, 1], one job per sequence, batched by the workers."""
+        pos = positions if positions is not None else [None] * len(token_ids)
+        seqs = [check_token_ids(ids, self.limits, p) for ids, p in zip(token_ids, pos)]
+        futs = self._submit([ReconstructJob(deadline=deadline, token_ids=t, positions=p) for t, p in seqs])
         return list(await asyncio.gather(*futs))

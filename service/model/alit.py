@@ -21,190 +21,25 @@ once, attention per image), or grouped into same-length cohorts, or padded with 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Literal, cast
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ALITConfig
+from .family import Family, Limits, StepOutput, TargetError, content_seed, quality  # noqa: F401  (re-exported)
+from .presets import PRESETS, infer_config
+from .transformer import BatchMode, Block, LatentQuantizer, Seq, run_blocks
 from .vqgan import VQGAN
 
-BatchMode = Literal["packed", "cohort", "padded"]
-
-
 # ----------------------------------------------------------------------------------------------
-# Transformer: pre-LN blocks with the parameters of nn.MultiheadAttention, run through fused SDPA
+# The latent encoder and decoder (blocks from transformer.py)
 # ----------------------------------------------------------------------------------------------
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention keeping nn.MultiheadAttention's packed parameter layout."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(w, dim=-1)
-        q, k, v = (t.view(b, n, self.heads, w // self.heads).transpose(1, 2) for t in (q, k, v))
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
-
-    def attend_packed(self, qkv: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        """`qkv` (N, 3W): the projections of several sequences back to back; `groups` lists (start
-        row, count, length) runs of same-length sequences. Attention per run; (N, W) before out_proj."""
-        w = qkv.shape[-1] // 3
-        d = w // self.heads
-        ys = []
-        for start, count, length in groups:
-            part = qkv[start : start + count * length].view(count, length, 3 * w)
-            q, k, v = (t.view(count, length, self.heads, d).transpose(1, 2) for t in part.split(w, dim=-1))
-            y = F.scaled_dot_product_attention(q, k, v)
-            ys.append(y.transpose(1, 2).reshape(count * length, w))
-        return ys[0] if len(ys) == 1 else torch.cat(ys)
-
-
-class MLP(nn.Module):
-    def __init__(self, width: int, ratio: float):
-        super().__init__()
-        self.c_fc = nn.Linear(width, int(width * ratio))
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(int(width * ratio), width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, mlp_ratio)
-        self.token_fns: tuple[Callable, Callable] = (attention_inputs, after_attention)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), key_mask)
-        return x + self.mlp(self.ln_2(x))
-
-    def forward_packed(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        """`x` (N, W): several sequences back to back (see `pack`). Everything but attention works per
-        token, in the two functions of `token_fns` (plain, or compiled: model/compile.py)."""
-        before, after = self.token_fns
-        return after(self, x, self.attn.attend_packed(before(self, x), groups))
-
-
-def attention_inputs(blk: Block, x: torch.Tensor) -> torch.Tensor:
-    """A packed block's first per-token part: ln_1 and the q/k/v projection, (N, 3W)."""
-    return F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-
-
-def after_attention(blk: Block, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """A packed block's second per-token part: out projection, residual, ln_2, MLP, residual."""
-    x = x + blk.attn.out_proj(y)
-    return x + blk.mlp(blk.ln_2(x))
-
-
-Seq = torch.Tensor | tuple[torch.Tensor, ...]  # a sequence, or the pieces it is the concatenation of
-
-
-def _len(s: Seq) -> int:
-    return s.shape[0] if isinstance(s, torch.Tensor) else sum(p.shape[0] for p in s)
-
-
-def pack(seqs: list[Seq]) -> tuple[torch.Tensor, list[tuple[int, int, int]], list[slice]]:
-    """Concatenate (L_i, W) sequences (or their pieces), grouped by length, in ONE copy: (packed
-    (N, W), runs of (start, count, length) for `forward_packed`, each sequence's rows)."""
-    order = sorted(range(len(seqs)), key=lambda i: _len(seqs[i]))
-    rows: list[slice] = [slice(0)] * len(seqs)
-    groups: list[tuple[int, int, int]] = []
-    start = 0
-    for i in order:
-        n = _len(seqs[i])
-        if groups and groups[-1][2] == n:
-            s0, c, _ = groups[-1]
-            groups[-1] = (s0, c + 1, n)
-        else:
-            groups.append((start, 1, n))
-        rows[i] = slice(start, start + n)
-        start += n
-    pieces: list[torch.Tensor] = []
-    for i in order:
-        s = seqs[i]
-        pieces += [s] if isinstance(s, torch.Tensor) else list(s)
-    packed = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return packed, groups, rows
-
-
-def run_blocks(blocks: nn.ModuleList, seqs: list[Seq], mode: BatchMode) -> list[torch.Tensor]:
-    """Run a list of (L_i, W) sequences of possibly different lengths through `blocks`.
-
-    "packed": every sequence's tokens concatenated (no padding), each LayerNorm / linear / MLP one
-    call over all of them, attention one call per run of same-length sequences. "cohort": one
-    batched call per distinct length. "padded": one call, keys beyond each sequence's length masked
-    out. Either way each sequence's result depends only on itself.
-    """
-
-    def run(x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        for blk in blocks:
-            x = blk(x, key_mask)
-        return x
-
-    if mode == "packed":
-        x, groups, rows = pack(seqs)
-        for blk in blocks:
-            x = cast(Block, blk).forward_packed(x, groups)
-        return [x[r] for r in rows]
-    full = [s if isinstance(s, torch.Tensor) else torch.cat(s) for s in seqs]
-    lengths = [s.shape[0] for s in full]
-    out: list[torch.Tensor] = [None] * len(full)  # type: ignore[list-item]
-    if mode == "padded" and len(set(lengths)) > 1:
-        lmax = max(lengths)
-        x = torch.nn.utils.rnn.pad_sequence(full, batch_first=True)
-        key_mask = torch.arange(lmax, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]
-        y = run(x, key_mask)
-        return [y[i, :n] for i, n in enumerate(lengths)]
-    by_len: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_len.setdefault(n, []).append(i)
-    for idx in by_len.values():
-        y = run(torch.stack([full[i] for i in idx]))
-        for j, i in enumerate(idx):
-            out[i] = y[j]
-    return out
-
-
-class LatentQuantizer(nn.Module):
-    """The 1D vector quantiser: nearest code by distance between L2-normalised vectors."""
-
-    def __init__(self, codebook_size: int, dim: int):
-        super().__init__()
-        self.embedding = nn.Embedding(codebook_size, dim)
-        nn.init.uniform_(self.embedding.weight, -1 / codebook_size, 1 / codebook_size)
-
-    def codes(self) -> torch.Tensor:
-        """The L2-normalised codebook (what the decoder receives), float32."""
-        return F.normalize(self.embedding.weight.float(), dim=-1)
-
-    def forward(self, prequant: torch.Tensor) -> torch.Tensor:
-        """(..., D) quantiser inputs -> (...) code ids. Always float32, as the reference."""
-        z = F.normalize(prequant.float(), dim=-1)
-        e = self.codes()
-        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()
-        return d.argmin(dim=-1)
 
 
 class LatentEncoder(nn.Module):
@@ -234,6 +69,70 @@ class LatentDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# What ALIT accepts: probes are iterations
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ALITLimits(Limits):
+    """ALIT's targets: a probe is an iteration (key = its 1-based number, 32 more tokens each); a
+    quality target walks iterations 1.. up to its cap, an exact budget runs to its iteration."""
+
+    tokens_per_iter: int = 32
+    max_iters: int = 8
+    image_size: int = 256
+    codebook: int = 4096
+    halting_threshold: float = 0.55
+    family = "alit"
+
+    @property
+    def img_size(self) -> int:
+        return self.image_size
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebook
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tokens_per_iter * self.max_iters
+
+    @property
+    def max_probes(self) -> int:
+        return self.max_iters
+
+    def ladder(self, max_l1: float | None, min_psnr: float | None, tokens: int | None,
+               max_tokens: int | None) -> list[int]:
+        budget = tokens if tokens is not None else max_tokens  # an exact budget answers with its last probe
+        cap = self.max_iters if budget is None else budget // self.tokens_per_iter
+        return list(range(1, cap + 1))
+
+    def check_budget(self, field: str, value: int) -> int:
+        t = self.tokens_per_iter
+        if value < t or value > self.max_tokens or value % t:
+            raise TargetError(field, f"must be a multiple of {t} between {t} and {self.max_tokens}, got {value}")
+        return value
+
+    def check_sequence(self, n: int, positions) -> None:
+        t = self.tokens_per_iter
+        if n == 0 or n % t or n > self.max_tokens:
+            raise TargetError("token_ids", f"length must be a multiple of {t} between {t} and {self.max_tokens}, "
+                                           f"got {n}")
+        if positions is not None:
+            raise TargetError("positions", "an ALIT model's tokens carry no positions (every prefix of 32k ids is "
+                                           "one iteration's sequence)")
+
+    def variant(self, halting: bool) -> str:
+        return f"halting=on:thr={self.halting_threshold}" if halting else "halting=off"
+
+    def token_buckets(self) -> tuple[int, ...]:
+        return tuple(range(self.tokens_per_iter, self.max_tokens + 1, self.tokens_per_iter))
+
+    def info(self) -> dict:
+        return {"tokens_per_iteration": self.tokens_per_iter, "max_iterations": self.max_iters}
+
+
+# ----------------------------------------------------------------------------------------------
 # Per-image recurrent state
 # ----------------------------------------------------------------------------------------------
 
@@ -252,21 +151,6 @@ class ImageState:
     @property
     def finished(self) -> bool:
         return self.x is None
-
-
-@dataclass
-class StepOutput:
-    token_ids: torch.Tensor  # (32(k+1),)
-    logits: torch.Tensor | None = None  # (G, V) when the step decoded (halting on)
-    pred_gt_prob: torch.Tensor | None = None  # (G,) when decoded
-    drop_mask: torch.Tensor | None = None  # (G,) bool, the 2D tokens masked by this step
-    trace: dict[str, torch.Tensor] = field(default_factory=dict)  # intermediates when asked
-
-
-def content_seed(image: torch.Tensor) -> int:
-    """A 63-bit seed derived from an image's bytes: same image, same halting draws."""
-    data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
 
 
 def _iteration_seed(seed: int, iteration: int) -> int:
@@ -321,6 +205,16 @@ class ALIT(nn.Module):
         self.base_tokenizer = nn.Module()
         self.base_tokenizer.vqgan = VQGAN(cfg.vqgan)
         self.batch_mode: BatchMode = "packed"
+        self.retry_stricter = False  # family.Tokenizer's option for conditioned families; ALIT has none
+
+    @property
+    def limits(self) -> ALITLimits:
+        c = self.cfg
+        return ALITLimits(c.tokens_per_iter, c.max_iters, c.img_size, c.vq_codebook_size, c.halting_threshold)
+
+    def step_weight(self, state: ImageState, probe: int) -> int:
+        """The sequence an iteration runs: class token, grid, and 32 latents per iteration so far."""
+        return self.cfg.num_image_tokens + 1 + self.cfg.tokens_per_iter * probe
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -372,6 +266,7 @@ class ALIT(nn.Module):
     def advance(
         self,
         states: list[ImageState],
+        probes: list[int] | None = None,
         halting: bool = False,
         threshold: float | None = None,
         draws: list[torch.Tensor] | None = None,
@@ -380,6 +275,7 @@ class ALIT(nn.Module):
     ) -> list[StepOutput]:
         """Run one iteration for each of `states` (any mix of iterations), updating them in place.
 
+        `probes`, when given, must be each image's next iteration (ALIT cannot run another).
         With `halting`, each image is decoded, and 2D tokens whose own-code probability reaches the
         threshold (`threshold`, default the config's) are masked with probability p, drawn from
         the image's own generator unless `draws` (one (G,) 0/1 tensor per image) injects them.
@@ -387,6 +283,8 @@ class ALIT(nn.Module):
         """
         if any(s.finished for s in states):
             raise ValueError("advance() got an image that has already run every iteration")
+        if probes is not None and any(p != s.iteration + 1 for s, p in zip(states, probes)):
+            raise ValueError("an ALIT image can only run its next iteration")
         cfg = self.cfg
         threshold = cfg.halting_threshold if threshold is None else threshold
         g1 = cfg.num_image_tokens + 1
@@ -397,7 +295,7 @@ class ALIT(nn.Module):
             prequant = self.pre_quantizer_mlp(self.encoder_ln_post(raw))
             counts = [h.shape[0] - g1 for h in hs]
             ids = self.quantize(prequant).split(counts)
-            outs = [StepOutput(token_ids=i) for i in ids]
+            outs = [StepOutput(token_ids=i, probe=s.iteration + 1) for i, s in zip(ids, states)]
             if trace:
                 for o, r, p in zip(outs, raw.split(counts), prequant.split(counts)):
                     o.trace = {"latent_tokens": r, "prequant": p}
@@ -451,8 +349,12 @@ class ALIT(nn.Module):
         return out
 
     @torch.no_grad()
-    def decode_logits(self, token_ids: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """1D token ids (each a multiple of tokens_per_iter long) -> logits (B, G, V), float32."""
+    def decode_logits(self, token_ids: list[torch.Tensor] | torch.Tensor,
+                      positions: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """1D token ids (each a multiple of tokens_per_iter long) -> logits (B, G, V), float32.
+        ALIT's tokens carry no positions: `positions` must be absent (or all None)."""
+        if positions is not None and any(p is not None for p in positions):
+            raise ValueError("ALIT token sequences carry no positions")
         cfg, dec = self.cfg, self.decoder
         code = self.quantize.codes()
         two_d = torch.cat([self.decoder_class_embedding, self.decoder_mask_token[0].expand(cfg.num_image_tokens, -1)])
@@ -472,25 +374,12 @@ class ALIT(nn.Module):
     @torch.no_grad()
     def reconstruct(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (B, G, V) -> pixels (B, 3, H, W): softmax-weighted VQGAN code, VQGAN decoder."""
-        g = self.cfg.grid_size
-        code = logits.float().softmax(-1) @ self.vqgan.codebook.float()
-        code = code.view(code.shape[0], g, g, -1).permute(0, 3, 1, 2)
-        return self.vqgan.decode(code.to(self.vqgan.codebook.dtype)).float()
+        return self.vqgan.decode_soft(logits)
 
     @torch.no_grad()
     def reconstruct_ids(self, token_ids: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """The /reconstruct path: token ids alone -> pixels."""
         return self.reconstruct(self.decode_logits(token_ids))
-
-
-def quality(recon: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image L1 (mean |recon - input| over C,H,W, unclamped, as the reference measures it)
-    and PSNR in dB of the clamped reconstruction (what a client receives as an image)."""
-    recon, images = recon.float(), images.float().to(recon.device)
-    l1 = (recon - images).abs().flatten(1).mean(1)
-    mse = (recon.clamp(0, 1) - images).pow(2).flatten(1).mean(1)
-    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-    return l1, psnr
 
 
 def reference_stop_iteration(l1_per_iter: list[float], threshold: float) -> int:
@@ -503,3 +392,20 @@ def reference_stop_iteration(l1_per_iter: list[float], threshold: float) -> int:
         if best < threshold:
             return best_i
     return best_i
+
+
+def card(c: ALITConfig) -> list[tuple[str, str]]:
+    """Model-card rows for a configuration."""
+    return [
+        ("image size / patch / grid", f"{c.img_size} / {c.patch_size} / {c.grid_size}x{c.grid_size}"),
+        ("encoder / decoder", f"{c.encoder_width}w x {c.encoder_layers}L x {c.encoder_heads}h / "
+                              f"{c.decoder_width}w x {c.decoder_layers}L x {c.decoder_heads}h"),
+        ("1D tokens", f"{c.tokens_per_iter} per iteration, up to {c.max_tokens}, codebook "
+                      f"{c.vq_codebook_size} x {c.vq_token_dim}"),
+        ("VQGAN codebook", f"{c.vqgan.n_embed} x {c.vqgan.embed_dim}"),
+    ]
+
+
+FAMILY = Family(name="alit", model=ALIT, config=ALITConfig, presets=PRESETS, marker="timestep_embedding",
+                reference_key="alit_constructor_kwargs", infer_config=infer_config, card=card,
+                verifier="service.verify:verify_alit")

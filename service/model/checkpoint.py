@@ -1,4 +1,4 @@
-"""Loading and converting ALIT weights.
+"""Loading and converting the weights of every family (ALIT, KARL, ...: model/registry.py).
 
 Accepted inputs:
 * a published `.pth` (`torch.save` of a dict with `ema` and/or `model`, or a bare state dict),
@@ -8,8 +8,9 @@ Accepted inputs:
 
 The configuration comes from a `config.json` beside the weights when there is one (ours or the
 reference fixture's layout), else it is inferred from the state dict's shapes (attention heads,
-which leave no trace in the weights, from the preset table or an explicit override).
-Training-only entries (`gan_losses.*`: LPIPS + discriminators) are dropped before a strict load.
+which leave no trace in the weights, from the preset table or an explicit override); the family
+comes from the config, or from a key only its weights hold. Training-only entries (`gan_losses.*`:
+LPIPS + discriminators) are dropped before a strict load, which reports every mismatch at once.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn as nn
 
-from .alit import ALIT
-from .config import ALITConfig, ConfigError, VQGANConfig
-from .presets import get_preset, heads_for
+from . import registry
+from .config import ConfigError
+from .family import Family, Limits
 
 TRAINING_ONLY_PREFIXES = ("gan_losses.",)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -53,10 +55,15 @@ class CheckpointMismatch(CheckpointError):
 
 @dataclass
 class LoadedModel:
-    model: ALIT
-    config: ALITConfig
+    model: Any  # the family's network (a `family.Tokenizer` and torch module)
+    config: Any  # the family's configuration
     fingerprint: str
     source: str
+    family: Family
+
+    @property
+    def limits(self) -> Limits:
+        return self.model.limits
 
 
 # ----- reading ------------------------------------------------------------------------------------
@@ -111,69 +118,26 @@ def _select_weights(obj: object, path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: no state dict found (expected a dict with 'ema', 'model' or tensors)")
 
 
-def read_config_file(path: str | Path) -> ALITConfig:
+def read_config_file(path: str | Path) -> Any:
+    """A config.json (ours, or a reference fixture's) as its family's configuration."""
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read config {path}: {e}") from e
     try:
-        return ALITConfig.from_reference_json(d)
-    except (ConfigError, KeyError, TypeError) as e:
+        family = registry.family_of_config_dict(d)
+        return family.config.from_reference_json({k: v for k, v in d.items() if k != "family"})
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"invalid config {path}: {e}") from e
 
 
-# ----- inferring the configuration ---------------------------------------------------------------
-
-
-def infer_config(sd: dict[str, torch.Tensor], heads: int | None = None) -> ALITConfig:
-    """Rebuild the configuration from tensor shapes; `heads` overrides the preset-table lookup."""
-
-    def shape(k: str) -> tuple[int, ...]:
-        if k not in sd:
-            raise CheckpointError(f"cannot infer the model configuration: key {k!r} is missing")
-        return tuple(sd[k].shape)
-
-    def count(pattern: str) -> int:
-        rx = re.compile(pattern)
-        return len({m.group(1) for k in sd if (m := rx.match(k))})
-
-    v = "base_tokenizer.vqgan."
-    ch = shape(v + "encoder.conv_in.weight")[0]
-    n_levels = count(re.escape(v) + r"encoder\.down\.(\d+)\.")
-    ch_mult = tuple(shape(f"{v}encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(n_levels))
-    n_embed, embed_dim = shape(v + "quantize.embedding.weight")
-    g1, width = shape("encoder_positional_embedding")
-    grid = int(round((g1 - 1) ** 0.5))
-    patch = shape("patch_embed.weight")[-1]
-    enc_layers = count(r"encoder\.transformer\.(\d+)\.")
-    dec_layers = count(r"decoder\.transformer\.(\d+)\.")
-    dec_width = shape("decoder_positional_embedding")[1]
-    enc_heads = heads or heads_for(width, enc_layers)
-    dec_heads = heads or heads_for(dec_width, dec_layers)
-    if enc_heads is None or dec_heads is None:
-        raise CheckpointError(
-            f"cannot infer attention heads for width {width} x {enc_layers} layers (no preset matches): "
-            "pass --heads, or put a config.json beside the weights"
-        )
-    vq_size, vq_dim = shape("quantize.embedding.weight")
-    iters, t, _ = shape("timestep_embedding")
-    vqgan = VQGANConfig(
-        ch=ch, ch_mult=ch_mult, num_res_blocks=count(re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\."),
-        z_channels=shape(v + "encoder.conv_out.weight")[0], resolution=grid * patch,
-        in_channels=shape(v + "encoder.conv_in.weight")[1], out_ch=shape(v + "decoder.conv_out.weight")[0],
-        n_embed=n_embed, embed_dim=embed_dim,
-    )
+def infer_config(sd: dict[str, torch.Tensor], heads: int | None = None) -> Any:
+    """Rebuild the configuration from tensor shapes, in the family the keys say; `heads` overrides
+    the preset-table lookup (heads leave no trace in the weights)."""
     try:
-        return ALITConfig(
-            img_size=grid * patch, patch_size=patch,
-            encoder_width=width, encoder_layers=enc_layers, encoder_heads=enc_heads,
-            decoder_width=dec_width, decoder_layers=dec_layers, decoder_heads=dec_heads,
-            mlp_ratio=shape("encoder.transformer.0.mlp.c_fc.weight")[0] / width,
-            vq_codebook_size=vq_size, vq_token_dim=vq_dim, tokens_per_iter=t, max_iters=iters,
-            decoder_max_latent_tokens=shape("decoder.latent_token_positional_embedding")[0], vqgan=vqgan,
-        ).validate()
-    except ConfigError as e:
-        raise CheckpointError(f"inferred configuration is inconsistent: {e}") from e
+        return registry.family_of_state_dict(sd).infer_config(sd, heads)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 # ----- loading -------------------------------------------------------------------------------------
@@ -189,7 +153,7 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> Non
         raise CheckpointMismatch(missing, unexpected, wrong)
 
 
-def fingerprint(model: torch.nn.Module, cfg: ALITConfig) -> str:
+def fingerprint(model: torch.nn.Module, cfg: Any) -> str:
     """sha256 over the canonical config and every tensor (name, dtype, shape, bytes)."""
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     for k, t in sorted(model.state_dict().items()):
@@ -214,30 +178,41 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     return path, cfg if cfg.is_file() else None
 
 
-def build_model(cfg: ALITConfig, sd: dict[str, torch.Tensor] | None = None, seed: int = 0) -> ALIT:
-    """A model in eval mode: the given weights (strictly), or a seeded random initialisation."""
+def build_model(cfg: Any, sd: dict[str, torch.Tensor] | None = None, seed: int = 0) -> Any:
+    """A model of the configuration's family in eval mode: the given weights (strictly), or a seeded
+    random initialisation."""
+    family = registry.family_of_config(cfg)
+    if sd is not None:
+        try:
+            family.check_weights(sd)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from e
     torch.manual_seed(seed)
-    model = ALIT(cfg)
+    model = family.model(cfg)
+    assert isinstance(model, nn.Module)
     if sd is not None:
         check_state_dict(model, sd)
         model.load_state_dict(sd, strict=True)
     return model.eval()
 
 
-def load_model(path: str | Path, heads: int | None = None, config: ALITConfig | None = None) -> LoadedModel:
+def load_model(path: str | Path, heads: int | None = None, config: Any = None) -> LoadedModel:
     weights, cfg_path = _locate(Path(path))
     sd = read_state_dict(weights)
     if config is None:
         config = read_config_file(cfg_path) if cfg_path is not None else infer_config(sd, heads)
     model = build_model(config, sd)
-    return LoadedModel(model, config, fingerprint(model, config), str(weights))
+    return LoadedModel(model, config, fingerprint(model, config), str(weights), registry.family_of_config(config))
 
 
 def load_preset(name: str, seed: int = 0) -> LoadedModel:
     """A preset with random weights (seeded): for tests and until a trained default exists."""
-    cfg = get_preset(name)
+    try:
+        family, cfg = registry.preset(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = build_model(cfg, seed=seed)
-    return LoadedModel(model, cfg, fingerprint(model, cfg), f"preset:{name}:seed{seed}")
+    return LoadedModel(model, cfg, fingerprint(model, cfg), f"preset:{name}:seed{seed}", family)
 
 
 # ----- converting -----------------------------------------------------------------------------------
@@ -251,7 +226,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def export(model: ALIT, out_dir: str | Path, card: str | None = None) -> str:
+def export(model: Any, out_dir: str | Path, card: str | None = None) -> str:
     """Write a model as a servable folder: `model.safetensors` (its fingerprint in the metadata),
     our `config.json` and, when given, `MODEL_CARD.md`. Returns the fingerprint. `convert` and
     training's export both write through here; `load_model(out_dir)` reads it back."""
@@ -262,7 +237,8 @@ def export(model: ALIT, out_dir: str | Path, card: str | None = None) -> str:
     fp = fingerprint(model, model.cfg)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}  # no shared storage
     save_file(tensors, str(out / "model.safetensors"), metadata={"fingerprint": fp})
-    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    family = registry.family_of_config(model.cfg)
+    (out / "config.json").write_text(json.dumps({"family": family.name, **model.cfg.to_dict()}, indent=2) + "\n")
     if card is not None:
         (out / "MODEL_CARD.md").write_text(card)
     return fp
@@ -273,20 +249,15 @@ def convert(src: str | Path, out_dir: str | Path, heads: int | None = None) -> L
     loaded = load_model(src, heads=heads)
     out = Path(out_dir)
     export(loaded.model, out)
-    c = loaded.config
     n_params = sum(t.numel() for t in loaded.model.state_dict().values())
-    (out / "MODEL_CARD.md").write_text(
-        f"# ALIT model\n\n"
-        f"| field | value |\n|---|---|\n"
-        f"| source | `{Path(loaded.source).name}` (sha256 `{_sha256_file(Path(loaded.source))}`) |\n"
-        f"| model.safetensors sha256 | `{_sha256_file(out / 'model.safetensors')}` |\n"
-        f"| fingerprint (config + weights) | `{loaded.fingerprint}` |\n"
-        f"| parameters | {n_params:,} |\n"
-        f"| image size / patch / grid | {c.img_size} / {c.patch_size} / {c.grid_size}x{c.grid_size} |\n"
-        f"| encoder / decoder | {c.encoder_width}w x {c.encoder_layers}L x {c.encoder_heads}h / "
-        f"{c.decoder_width}w x {c.decoder_layers}L x {c.decoder_heads}h |\n"
-        f"| 1D tokens | {c.tokens_per_iter} per iteration, up to {c.max_tokens}, codebook "
-        f"{c.vq_codebook_size} x {c.vq_token_dim} |\n"
-        f"| VQGAN codebook | {c.vqgan.n_embed} x {c.vqgan.embed_dim} |\n"
-    )
+    rows = [
+        ("family", loaded.family.name),
+        ("source", f"`{Path(loaded.source).name}` (sha256 `{_sha256_file(Path(loaded.source))}`)"),
+        ("model.safetensors sha256", f"`{_sha256_file(out / 'model.safetensors')}`"),
+        ("fingerprint (config + weights)", f"`{loaded.fingerprint}`"),
+        ("parameters", f"{n_params:,}"),
+        *loaded.family.card(loaded.config),
+    ]
+    (out / "MODEL_CARD.md").write_text(f"# {loaded.family.name.upper()} model\n\n| field | value |\n|---|---|\n"
+                                       + "".join(f"| {k} | {v} |\n" for k, v in rows))
     return loaded

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from .alit import ALIT, Block, after_attention, attention_inputs
+from .alit import ALIT
+from .transformer import Block, after_attention, attention_inputs
 
 
 @functools.cache

@@ -158,3 +158,12 @@ class VQGAN(nn.Module):
     def decode(self, code: torch.Tensor) -> torch.Tensor:
         """Code map (B, C, g, g) -> pixels (B, 3, H, W), not clamped."""
         return self.decoder(code)
+
+    def decode_soft(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the codebook at each grid cell (B, g*g, V), row-major -> pixels (B, 3, H, W),
+        float32, not clamped: the softmax-weighted code (raw rows), then the decoder. How the latent
+        decoders of every family here turn their logits into an image."""
+        g = self.cfg.grid_size
+        code = logits.float().softmax(-1) @ self.codebook.float()
+        code = code.view(code.shape[0], g, g, -1).permute(0, 3, 1, 2)
+        return self.decode(code.to(self.codebook.dtype)).float()
