@@ -42,11 +42,11 @@ def _tokenize(args: argparse.Namespace) -> int:
         print(f"error: no such image file: {args.image}", file=sys.stderr)
         return 2
     r = _call_server(args, lambda c: c.tokenize(args.image, max_l1=args.max_l1, min_psnr=args.min_psnr,
-                                                 tokens=args.tokens, max_tokens=args.max_tokens))
+                                                 tokens=args.tokens, max_tokens=args.max_tokens, model=args.model))
     if r is None:
         return 1
-    keys = ("num_tokens", "iterations", "l1", "psnr", "target_met", "cached", "token_ids")
-    print(json.dumps({k: r[k] for k in keys}))
+    keys = ("num_tokens", "iterations", "l1", "psnr", "target_met", "cached", "token_ids", "positions")
+    print(json.dumps({k: r[k] for k in keys if k in r}))
     return 0
 
 
@@ -60,11 +60,12 @@ def _reconstruct(args: argparse.Namespace) -> int:
     except json.JSONDecodeError:
         data = [int(x) if x.lstrip("-").isdigit() else x for x in text.replace(",", " ").split()]
     ids = data.get("token_ids") if isinstance(data, dict) else data
+    positions = data.get("positions") if isinstance(data, dict) else None
     if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids):
         print("error: token ids must be a JSON list of integers, a JSON object with token_ids (as `tokenize` "
               "prints), or integers separated by spaces or commas", file=sys.stderr)
         return 2
-    png = _call_server(args, lambda c: c.reconstruct(ids))
+    png = _call_server(args, lambda c: c.reconstruct(ids, positions=positions, model=args.model))
     if png is None:
         return 1
     Path(args.out).write_bytes(png)
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--min-psnr", type=float)
     t.add_argument("--tokens", type=int)
     t.add_argument("--max-tokens", type=int)
+    t.add_argument("--model", help="a served model's id (default: the server's default model)")
     t.set_defaults(func=_tokenize)
 
     r = sub.add_parser("reconstruct", help="token ids (JSON list, file, or - for stdin) -> PNG via a running server")
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("-o", "--out", default="reconstruction.png")
     r.add_argument("--url", default=os.environ.get("ALIT_URL", "http://127.0.0.1:8000"))
     r.add_argument("--api-key", default=os.environ.get("ALIT_API_KEY"))
+    r.add_argument("--model", help="the served model whose tokens these are (default: the server's default)")
     r.set_defaults(func=_reconstruct)
 
     sub.add_parser("triton", help="run a local tritonserver (nvidia-pytriton wheel) on model_repository/")

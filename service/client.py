@@ -39,10 +39,22 @@ def _image_bytes(image: str | Path | bytes) -> bytes:
     return image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
 
 
-def _tokenize_body(image, target: dict, include_reconstruction: bool, all_iterations: bool, stream: bool) -> dict:
-    return {"images": [{"image": base64.b64encode(_image_bytes(image)).decode(),
+def _tokenize_body(image, target: dict, include_reconstruction: bool, all_iterations: bool, stream: bool,
+                   model: str | None = None) -> dict:
+    model = target.pop("model", None) or model
+    body = {"images": [{"image": base64.b64encode(_image_bytes(image)).decode(),
                         "target": {k: v for k, v in target.items() if v is not None} or None}],
             "include_reconstruction": include_reconstruction, "all_iterations": all_iterations, "stream": stream}
+    return {**body, "model": model} if model else body
+
+
+def _reconstruct_body(token_ids: list[int], positions: list[int] | None, model: str | None) -> dict:
+    body: dict = {"token_ids": list(map(int, token_ids))}
+    if positions is not None:
+        body["positions"] = list(map(int, positions))
+    if model:
+        body["model"] = model
+    return body
 
 
 class Client:
@@ -61,15 +73,16 @@ class Client:
 
     def tokenize(self, image, *, max_l1: float | None = None, min_psnr: float | None = None,
                  tokens: int | None = None, max_tokens: int | None = None,
-                 include_reconstruction: bool = False, all_iterations: bool = False) -> dict:
+                 include_reconstruction: bool = False, all_iterations: bool = False, model: str | None = None) -> dict:
+        """One image's result; `model` names a served model (absent: the server's default)."""
         target = {"max_l1": max_l1, "min_psnr": min_psnr, "tokens": tokens, "max_tokens": max_tokens}
-        body = _tokenize_body(image, target, include_reconstruction, all_iterations, False)
+        body = _tokenize_body(image, target, include_reconstruction, all_iterations, False, model)
         r = self._http.post("/v1/tokenize", json=body)
         _raise_for(r)
         return r.json()["results"][0]
 
     def tokenize_stream(self, image, **target) -> Iterator[dict]:
-        """Yield the server's NDJSON events: one per iteration, then the result."""
+        """Yield the server's NDJSON events: one per iteration, then the result (`model=` names a model)."""
         with self._http.stream("POST", "/v1/tokenize", json=_tokenize_body(image, target, False, False, True)) as r:
             if r.status_code >= 400:
                 r.read()
@@ -78,8 +91,9 @@ class Client:
                 if line:
                     yield json.loads(line)
 
-    def reconstruct(self, token_ids: list[int]) -> bytes:
-        r = self._http.post("/v1/reconstruct", json={"token_ids": list(map(int, token_ids))},
+    def reconstruct(self, token_ids: list[int], positions: list[int] | None = None, model: str | None = None) -> bytes:
+        """A PNG of the tokens (with the positions /v1/tokenize returned, for KARL)."""
+        r = self._http.post("/v1/reconstruct", json=_reconstruct_body(token_ids, positions, model),
                             headers={"Accept": "image/png"})
         _raise_for(r)
         return r.content
@@ -106,10 +120,11 @@ class AsyncClient:
 
     async def tokenize(self, image, *, max_l1: float | None = None, min_psnr: float | None = None,
                        tokens: int | None = None, max_tokens: int | None = None,
-                       include_reconstruction: bool = False, all_iterations: bool = False) -> dict:
+                       include_reconstruction: bool = False, all_iterations: bool = False,
+                       model: str | None = None) -> dict:
         target = {"max_l1": max_l1, "min_psnr": min_psnr, "tokens": tokens, "max_tokens": max_tokens}
-        r = await self._http.post("/v1/tokenize",
-                                  json=_tokenize_body(image, target, include_reconstruction, all_iterations, False))
+        r = await self._http.post("/v1/tokenize", json=_tokenize_body(image, target, include_reconstruction,
+                                                                      all_iterations, False, model))
         _raise_for(r)
         return r.json()["results"][0]
 
@@ -123,8 +138,9 @@ class AsyncClient:
                 if line:
                     yield json.loads(line)
 
-    async def reconstruct(self, token_ids: list[int]) -> bytes:
-        r = await self._http.post("/v1/reconstruct", json={"token_ids": list(map(int, token_ids))},
+    async def reconstruct(self, token_ids: list[int], positions: list[int] | None = None,
+                          model: str | None = None) -> bytes:
+        r = await self._http.post("/v1/reconstruct", json=_reconstruct_body(token_ids, positions, model),
                                   headers={"Accept": "image/png"})
         _raise_for(r)
         return r.content

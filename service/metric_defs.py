@@ -25,30 +25,36 @@ class MetricDef:
     buckets: tuple[float, ...] | None = None  # histograms only
 
 
-def engine_metrics(max_iters: int = 8, max_batch: int = 32, max_tokens: int = 256,
-                   tokens_per_iter: int = 32) -> dict[str, MetricDef]:
-    """The engine observer's series, keyed by the hook that feeds them (see EngineObserver)."""
+def engine_metrics(max_probes: int = 8, max_batch: int = 32,
+                   token_buckets: tuple[int, ...] = tuple(range(32, 257, 32))) -> dict[str, MetricDef]:
+    """The engine observer's series, keyed by the hook that feeds them (see EngineObserver). Every one
+    carries the served model's id (`model`), so several models in one process stay apart. A probe
+    is ALIT's recurrent iteration, or one single pass of a conditioned family (model/family.py)."""
     D = MetricDef
     return {
-        "stage": D("alit_iteration_stage_seconds", "histogram", "Time of one stage spent on one recurrent iteration "
-                   "(a packed call over several iterations is apportioned by token share; iteration 0: outside "
-                   "the recurrence, i.e. VQGAN encode on admission and /reconstruct decoding)",
-                  ("iteration", "stage", "device"), LATENCY_BUCKETS),
-        "step": D("alit_step_seconds", "histogram", "Wall time of one scheduler step", ("device",), LATENCY_BUCKETS),
-        "batch": D("alit_step_batch_size", "histogram", "Images advanced (or reconstructed) in one step", ("device",),
-                   tuple(sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch}))),
-        "queue": D("alit_queue_depth", "gauge", "Images waiting for admission"),
-        "wait": D("alit_queue_wait_seconds", "histogram", "Time from submission to admission", (), LATENCY_BUCKETS),
-        "active": D("alit_active_images", "gauge", "Images iterating on a worker", ("device",)),
+        "stage": D("alit_iteration_stage_seconds", "histogram", "Time of one stage spent on one probe (ALIT: "
+                   "recurrent iteration; a packed call over several is apportioned by token share; iteration 0: "
+                   "outside the probes, i.e. the encode on admission and /reconstruct decoding)",
+                  ("model", "iteration", "stage", "device"), LATENCY_BUCKETS),
+        "step": D("alit_step_seconds", "histogram", "Wall time of one scheduler step", ("model", "device"),
+                  LATENCY_BUCKETS),
+        "batch": D("alit_step_batch_size", "histogram", "Images advanced (or reconstructed) in one step",
+                   ("model", "device"), tuple(sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch}))),
+        "queue": D("alit_queue_depth", "gauge", "Images waiting for admission", ("model",)),
+        "wait": D("alit_queue_wait_seconds", "histogram", "Time from submission to admission", ("model",),
+                  LATENCY_BUCKETS),
+        "active": D("alit_active_images", "gauge", "Images iterating on a worker", ("model", "device")),
         "encoded": D("alit_encoded_images", "gauge", "Images a worker has encoded ahead, waiting for a slot",
-                     ("device",)),
-        "halt": D("alit_halting_iteration", "histogram", "Iteration whose tokens an image returned", ("target_kind",),
-                  tuple(range(1, max_iters + 1))),
-        "tokens": D("alit_tokens_per_image", "histogram", "Tokens returned per image", ("target_kind",),
-                    tuple(range(tokens_per_iter, max_tokens + 1, tokens_per_iter))),
-        "images": D("alit_images_total", "counter", "Images tokenized by the engine", ("target_kind", "target_met")),
-        "rejected": D("alit_rejected_total", "counter", "Requests refused or abandoned by the engine", ("reason",)),
-        "healthy": D("alit_worker_healthy", "gauge", "1 when a worker is warm and serving", ("device",)),
+                     ("model", "device")),
+        "halt": D("alit_halting_iteration", "histogram", "Probes (ALIT: iterations) run to reach an image's answer",
+                  ("model", "target_kind"), tuple(range(1, max_probes + 1))),
+        "tokens": D("alit_tokens_per_image", "histogram", "Tokens returned per image", ("model", "target_kind"),
+                    token_buckets),
+        "images": D("alit_images_total", "counter", "Images tokenized by the engine",
+                    ("model", "target_kind", "target_met")),
+        "rejected": D("alit_rejected_total", "counter", "Requests refused or abandoned by the engine",
+                      ("model", "reason")),
+        "healthy": D("alit_worker_healthy", "gauge", "1 when a worker is warm and serving", ("model", "device")),
     }
 
 
@@ -65,7 +71,8 @@ def service_metrics() -> dict[str, MetricDef]:
         "cache_requests": D("alit_cache_requests_total", "counter", "Result-cache lookups", ("result",)),
         "cache_errors": D("alit_cache_errors_total", "counter", "Cache operations that failed (Redis down or slow)"),
         "cache_available": D("alit_cache_available", "gauge", "1 when the cache backend answers"),
-        "model": D("alit_model", "info", "The served model (id, fingerprint, sizes; no filesystem paths)"),
+        "model": D("alit_model", "info", "A served model (id, family, fingerprint, sizes; no filesystem paths)",
+                   ("model",)),
         "gpu_memory": D("alit_gpu_memory_allocated_bytes", "gauge", "Bytes allocated by torch on a GPU worker's "
                         "device (the process's resident memory is process_resident_memory_bytes)", ("device",)),
         "decode_inflight": D("alit_decode_inflight_bytes", "gauge", "Decoded-pixel bytes reserved by images being "

@@ -1,10 +1,11 @@
 """The service's Prometheus registry, built from the definitions in `service.metric_defs`.
 
-`Metrics` implements the engine's observer hooks, so the engine reports without knowing
-Prometheus. One process serves all local GPUs (one worker thread each), so prometheus-client's
-single-process mode is right; scale out with more replicas (each scraped separately) rather than
-uvicorn workers. prometheus-client's process, platform and GC collectors are registered too
-(`process_resident_memory_bytes`, `process_cpu_seconds_total`, `python_gc_*`, ...).
+`Metrics.observer(model)` implements the engine's observer hooks for one served model (its series
+labelled `model`), so each engine reports without knowing Prometheus. One process serves all local
+GPUs (one worker thread each), so prometheus-client's single-process mode is right; scale out with
+more replicas (each scraped separately) rather than uvicorn workers. prometheus-client's process,
+platform and GC collectors are registered too (`process_resident_memory_bytes`,
+`process_cpu_seconds_total`, `python_gc_*`, ...).
 """
 
 from __future__ import annotations
@@ -48,10 +49,13 @@ def starting_exposition() -> bytes:
     return generate_latest(process_registry())
 
 
-class Metrics(EngineObserver):
-    def __init__(self, max_iters: int = 8, max_batch: int = 32, max_tokens: int = 256, tokens_per_iter: int = 32):
+class Metrics:
+    """The process's registry. Engine series come through `observer(model)`, one per served model."""
+
+    def __init__(self, max_probes: int = 8, max_batch: int = 32,
+                 token_buckets: tuple[int, ...] = tuple(range(32, 257, 32))):
         self.registry = r = process_registry()
-        e = {k: build(d, r) for k, d in engine_metrics(max_iters, max_batch, max_tokens, tokens_per_iter).items()}
+        e = {k: build(d, r) for k, d in engine_metrics(max_probes, max_batch, token_buckets).items()}
         s = {k: build(d, r) for k, d in service_metrics().items()}
         self.stage_seconds, self.step_seconds, self.step_batch = e["stage"], e["step"], e["batch"]
         self.queue_depth, self.queue_wait_seconds, self.active_images = e["queue"], e["wait"], e["active"]
@@ -63,39 +67,8 @@ class Metrics(EngineObserver):
             s["cache_requests"], s["cache_errors"], s["cache_available"])
         self.model_info, self.gpu_memory, self.decode_inflight = s["model"], s["gpu_memory"], s["decode_inflight"]
         self.devices: list[str] = []
-        for reason in REJECT_REASONS:
-            self.rejections.labels(reason)  # export zeros so rate() works from the start
         for result in ("hit", "miss"):
             self.cache_requests.labels(result)
-
-    # ----- engine hooks ----------------------------------------------------------------------------
-    def stage(self, iteration, stage, seconds, device):
-        self.stage_seconds.labels(str(iteration), stage, device).observe(seconds)
-
-    def step(self, batch_size, seconds, device):
-        self.step_seconds.labels(device).observe(seconds)
-        self.step_batch.labels(device).observe(batch_size)
-
-    def queue(self, depth):
-        self.queue_depth.set(depth)
-
-    def queue_wait(self, seconds):
-        self.queue_wait_seconds.observe(seconds)
-
-    def active(self, device, running, encoded):
-        self.active_images.labels(device).set(running)
-        self.encoded_images.labels(device).set(encoded)
-
-    def retired(self, target_kind, iterations, num_tokens, target_met):
-        self.halting_iteration.labels(target_kind).observe(iterations)
-        self.tokens.labels(target_kind).observe(num_tokens)
-        self.target_met.labels(target_kind, str(bool(target_met)).lower()).inc()
-
-    def rejected(self, reason):
-        self.rejections.labels(reason).inc()
-
-    def worker_health(self, device, healthy):
-        self.worker_healthy.labels(device).set(1 if healthy else 0)
 
     # ----- service hooks -----------------------------------------------------------------------------
     def cache(self, kind: str) -> None:
@@ -117,3 +90,44 @@ class Metrics(EngineObserver):
 
                 self.gpu_memory.labels(d).set(float(torch.cuda.memory_allocated(d)))
         return generate_latest(self.registry)
+
+    def observer(self, model: str) -> ModelSeries:
+        """The engine hooks of one served model (its series labelled `model`)."""
+        return ModelSeries(self, model)
+
+
+class ModelSeries(EngineObserver):
+    """The engine observer of one served model: `Metrics`' engine series with its `model` label."""
+
+    def __init__(self, m: Metrics, model: str):
+        self.m, self.model = m, model
+        for reason in REJECT_REASONS:
+            m.rejections.labels(model, reason)  # export zeros so rate() works from the start
+
+    def stage(self, iteration, stage, seconds, device):
+        self.m.stage_seconds.labels(self.model, str(iteration), stage, device).observe(seconds)
+
+    def step(self, batch_size, seconds, device):
+        self.m.step_seconds.labels(self.model, device).observe(seconds)
+        self.m.step_batch.labels(self.model, device).observe(batch_size)
+
+    def queue(self, depth):
+        self.m.queue_depth.labels(self.model).set(depth)
+
+    def queue_wait(self, seconds):
+        self.m.queue_wait_seconds.labels(self.model).observe(seconds)
+
+    def active(self, device, running, encoded):
+        self.m.active_images.labels(self.model, device).set(running)
+        self.m.encoded_images.labels(self.model, device).set(encoded)
+
+    def retired(self, target_kind, iterations, num_tokens, target_met):
+        self.m.halting_iteration.labels(self.model, target_kind).observe(iterations)
+        self.m.tokens.labels(self.model, target_kind).observe(num_tokens)
+        self.m.target_met.labels(self.model, target_kind, str(bool(target_met)).lower()).inc()
+
+    def rejected(self, reason):
+        self.m.rejections.labels(self.model, reason).inc()
+
+    def worker_health(self, device, healthy):
+        self.m.worker_healthy.labels(self.model, device).set(1 if healthy else 0)

@@ -5,6 +5,7 @@ The README's configuration table lists the same fields; `tests/test_api.py` chec
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ def shipped_weights() -> Path:
 
 
 SHIPPED_WEIGHTS = shipped_weights()
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_MODEL = str(SHIPPED_WEIGHTS)
 
 
@@ -32,7 +34,14 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL,
                        description="Weights: a .pth/.safetensors file, a directory holding one, or "
                                    "`preset:NAME[:seedN]`; default: the packaged `service/weights/`.")
+    models: str = Field("", description="Several models in one process: `ID=SPEC,ID=SPEC` (each SPEC as for "
+                                        "`ALIT_MODEL`; the first is the default for requests naming no `model`). "
+                                        "Empty: the one model of `ALIT_MODEL`.")
     heads: int | None = Field(None, description="Attention heads when they cannot be inferred from the weights.")
+    retry_stricter: bool = Field(False, description="Families conditioned on the quality wanted (KARL): when the "
+                                                    "measured quality misses the target, run again at the next "
+                                                    "stricter conditioning, down to the strictest (more passes, "
+                                                    "`target_met` more often). Off: one pass, as the reference.")
     # engine
     engine: str = Field("local", pattern="^(local|triton)$",
                         description="`local`: in-process workers; `triton`: forward tokenization to Triton.")
@@ -107,6 +116,21 @@ class Settings(BaseSettings):
     access_log: bool = Field(True, description="One log line per request: method, path, status, duration, request id.")
     host: str = Field("127.0.0.1", description="Address `alit-serve serve` binds.")
     port: int = Field(8000, description="Port `alit-serve serve` binds.")
+
+    def model_specs(self) -> list[tuple[str | None, str]]:
+        """(id, spec) of every model to serve, the default first; id None: named after its weights."""
+        if not self.models.strip():
+            return [(None, self.model)]
+        out: list[tuple[str | None, str]] = []
+        for part in self.models.split(","):
+            name, eq, spec = part.strip().partition("=")
+            if not eq or not MODEL_ID.fullmatch(name.strip()) or not spec.strip():
+                raise ValueError(f"ALIT_MODELS: {part.strip()!r} is not ID=SPEC (ID of letters, digits, '.', '_', "
+                                 "'-'; SPEC a weights path or preset:NAME)")
+            if name.strip() in {n for n, _ in out}:
+                raise ValueError(f"ALIT_MODELS: the id {name.strip()!r} is given twice")
+            out.append((name.strip(), spec.strip()))
+        return out
 
     def key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]

@@ -32,7 +32,7 @@ def test_readyz_names_a_failing_workers_last_error_and_recovers():
     with TestClient(create_app(settings)) as client:
         # the model loads in the background: `starting` first, then ready
         assert _wait(lambda: client.get("/readyz").status_code == 200, timeout=60)
-        worker = client.app.state.svc.engine.workers[0]  # type: ignore[attr-defined]
+        worker = client.app.state.svc.default.engine.workers[0]  # type: ignore[attr-defined]
         real_step = worker.scheduler.step
 
         def failing_step(new_jobs):

@@ -18,11 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import tracing
 from ..cache import make_cache
-from ..engine import Engine, EngineInterface, Target
+from ..engine import Engine, EngineInterface, Limits, Target
 from ..imaging import ImageLimits
 from ..metrics import Metrics
-from ..model.presets import preset_name_of
-from ..model.registry import resolve
+from ..model.checkpoint import LoadedModel
+from ..model.registry import preset_name_of, resolve
 from ..settings import SHIPPED_WEIGHTS, Settings, engine_settings
 from . import errors
 from .auth import KeyStore
@@ -38,18 +38,77 @@ ENDPOINTS = {"/v1/tokenize", "/v1/reconstruct", "/tokenize", "/reconstruct", "/v
 
 
 @dataclass
+class ServedModel:
+    """One served model: its engine (its own workers and scheduler on every device), its cached
+    tokenize path and its image intake (preprocessing at its input size)."""
+
+    id: str
+    loaded: LoadedModel
+    engine: EngineInterface
+    pipeline: TokenizePipeline
+    intake: Intake
+
+    @property
+    def ref(self) -> dict:
+        """How responses name it."""
+        return {"id": self.id, "family": self.loaded.family.name, "fingerprint": self.loaded.fingerprint}
+
+    @property
+    def limits(self) -> Limits:
+        return self.engine.limits
+
+
+@dataclass
 class ServiceState:
     settings: Settings
-    engine: EngineInterface
+    models: dict[str, ServedModel]  # by id, the default first
     cache: object
-    pipeline: TokenizePipeline
     default_target: Target
-    model_ref: dict
     metrics: Metrics
-    intake: Intake
     draining: bool = False
     drain_started: float = float("inf")
     inflight: int = 0
+
+    @property
+    def default(self) -> ServedModel:
+        return next(iter(self.models.values()))
+
+    def model(self, name: str | None) -> ServedModel:
+        """The served model a request names (None: the default), else 404 `model_not_found`."""
+        if name is None:
+            return self.default
+        found = self.models.get(name)
+        if found is None:
+            served = list(self.models)
+            raise errors.ApiError(404, "model_not_found", f"model {name!r} is not served here; served: "
+                                  f"{', '.join(served)}", {"field": "model", "served": served})
+        return found
+
+    @property
+    def engines(self) -> list[EngineInterface]:
+        return [m.engine for m in self.models.values()]
+
+    @property
+    def ready(self) -> bool:
+        """Every model's engine started, warm, healthy and accepting."""
+        return all(e.ready for e in self.engines)
+
+    @property
+    def live(self) -> bool:
+        return all(e.live for e in self.engines)
+
+    @property
+    def busy(self) -> bool:
+        return any(e.busy for e in self.engines)
+
+    @property
+    def problem(self) -> str:
+        """Why not ready, model by model ("" when ready)."""
+        return "; ".join(f"{m.id}: {m.engine.problem}" for m in self.models.values() if m.engine.problem)
+
+    def shutdown(self) -> None:
+        for e in self.engines:
+            e.shutdown()
 
     def start_draining(self) -> None:
         if not self.draining:
@@ -58,18 +117,18 @@ class ServiceState:
 
     async def drain(self, timeout: float) -> bool:
         """After a shutdown signal: refuse new requests, let the ones received before it finish
-        (they may still hand work to the engine: a tokenize, then its reconstruction), then drain
-        the engine (`engine.drain`: it takes no more work, finishes what it holds, and fails what
+        (they may still hand work to an engine: a tokenize, then its reconstruction), then drain
+        every engine (`engine.drain`: it takes no more work, finishes what it holds, and fails what
         is left at the timeout, so those requests are answered 503 `draining`). A dead engine
         worker ends the wait at once: its requests could never finish.
         True when everything finished within `timeout` seconds."""
         self.start_draining()
         deadline = time.monotonic() + timeout
         await asyncio.sleep(0.05)  # let requests that were just accepted register
-        while self.inflight > 0 and self.engine.live and time.monotonic() < deadline:  # HTTP requests
+        while self.inflight > 0 and self.live and time.monotonic() < deadline:  # HTTP requests
             await asyncio.sleep(0.05)
-        engine_done = await self.engine.drain(max(0.0, deadline - time.monotonic()))
-        return engine_done and self.inflight == 0
+        done = await asyncio.gather(*(e.drain(max(0.0, deadline - time.monotonic())) for e in self.engines))
+        return all(done) and self.inflight == 0
 
 
 def model_id(loaded) -> str:
@@ -85,40 +144,49 @@ def model_id(loaded) -> str:
 def build_state(settings: Settings) -> ServiceState:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    loaded = resolve(settings.model, heads=settings.heads)
-    cfg = loaded.config
-    metrics = Metrics(max_iters=cfg.max_iters, max_batch=settings.max_batch, max_tokens=cfg.max_tokens,
-                      tokens_per_iter=cfg.tokens_per_iter)
-    model_ref = {"id": model_id(loaded), "fingerprint": loaded.fingerprint}
-    metrics.model_info.info({"id": model_ref["id"], "fingerprint": loaded.fingerprint,  # no paths: /metrics is public
-                             "image_size": str(cfg.img_size), "max_tokens": str(cfg.max_tokens)})
-    engine: EngineInterface
+    loaded = [(name, resolve(spec, heads=settings.heads)) for name, spec in settings.model_specs()]
+    for _, lm in loaded:
+        lm.model.retry_stricter = settings.retry_stricter  # conditioned families; the rest ignore it
+    limits = [lm.limits for _, lm in loaded]
+    metrics = Metrics(max_probes=max(li.max_probes for li in limits), max_batch=settings.max_batch,
+                      token_buckets=tuple(sorted({b for li in limits for b in li.token_buckets()})))
+    cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
+                       max_entries=settings.cache_max_entries)
+    cache.on_error = metrics.cache_errors.inc
+    metrics.cache_available.set_function(lambda: 1.0 if cache.available else 0.0)
+    budget = DecodeBudget(settings.decode_memory_mb * 1024 * 1024, metrics.decode_inflight)  # shared by all models
+    image_limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    models: dict[str, ServedModel] = {}
+    for name, lm in loaded:
+        mid = name or model_id(lm)
+        if mid in models:
+            raise ValueError(f"two models would be served as {mid!r}: name them with ALIT_MODELS=ID=SPEC,...")
+        metrics.model_info.labels(mid).info({"id": mid, "family": lm.family.name, "fingerprint": lm.fingerprint,
+                                             "image_size": str(lm.limits.img_size),  # no paths: /metrics is public
+                                             "max_tokens": str(lm.limits.max_tokens)})
+        engine = _engine(settings, lm, metrics.observer(mid), triton_model=name or "alit")
+        metrics.devices = sorted({*metrics.devices, *(w.device for w in engine.workers)})
+        pipeline = TokenizePipeline(engine, cache, lm.limits.variant(settings.halting), observer=metrics,
+                                    lease_ttl_s=settings.cache_lease_s)
+        intake = Intake(image_limits, lm.limits.img_size, settings.decode_scale, budget, keyer=pipeline.key,
+                        memo_entries=settings.input_memo_entries)
+        models[mid] = ServedModel(mid, lm, engine, pipeline, intake)
+    return ServiceState(settings, models, cache, Target(max_l1=settings.default_max_l1), metrics)
+
+
+def _engine(settings: Settings, loaded: LoadedModel, observer, triton_model: str) -> EngineInterface:
+    """A model's engine: in-process workers, or (ALIT_ENGINE=triton) the Triton model of that name."""
     if settings.engine == "triton":  # Triton tokenizes; this process keeps cache, auth, limits, /reconstruct
         from ..engine.triton_client import TritonEngine
 
         local = engine_settings(settings, devices="cpu")
         local.warmup = False
-        remote = TritonEngine(loaded, settings.triton_url, local=local, observer=metrics).start()
-        metrics.devices = [w.device for w in remote.local.workers]
-        engine = remote
-    else:
-        in_process = Engine(loaded, engine_settings(settings), observer=metrics).start()
-        metrics.devices = [w.device for w in in_process.workers]
-        if settings.fault_injection:  # tests only; the in-process engine's model calls
-            in_process.set_fault_hook(_inject_fault)
-        engine = in_process
-    cache = make_cache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
-                       max_entries=settings.cache_max_entries)
-    cache.on_error = metrics.cache_errors.inc
-    metrics.cache_available.set_function(lambda: 1.0 if cache.available else 0.0)
-    halting_tag = f"halting=on:thr={cfg.halting_threshold}" if settings.halting else "halting=off"
-    pipeline = TokenizePipeline(engine, cache, halting_tag, observer=metrics, lease_ttl_s=settings.cache_lease_s)
-    intake = Intake(ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
-                    cfg.img_size, settings.decode_scale,
-                    DecodeBudget(settings.decode_memory_mb * 1024 * 1024, metrics.decode_inflight), keyer=pipeline.key,
-                    memo_entries=settings.input_memo_entries)
-    return ServiceState(settings, engine, cache, pipeline, Target(max_l1=settings.default_max_l1), model_ref, metrics,
-                        intake)
+        return TritonEngine(loaded, settings.triton_url, model_name=triton_model, local=local,
+                            observer=observer).start()
+    in_process = Engine(loaded, engine_settings(settings), observer=observer).start()
+    if settings.fault_injection:  # tests only; the in-process engine's model calls
+        in_process.set_fault_hook(_inject_fault)
+    return in_process
 
 
 def _load_in_background(app: FastAPI, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
@@ -132,10 +200,11 @@ def _load_in_background(app: FastAPI, settings: Settings, loop: asyncio.Abstract
 
     def publish():
         if app.state.stopping:  # a shutdown signal arrived while loading: do not start serving
-            threading.Thread(target=svc.engine.shutdown, daemon=True).start()
+            threading.Thread(target=svc.shutdown, daemon=True).start()
             return
         app.state.svc = svc
-        log.info("ready: model %s (%s)", svc.model_ref["id"], svc.model_ref["fingerprint"][:16])
+        for m in svc.models.values():
+            log.info("ready: model %s (%s, %s)", m.id, m.loaded.family.name, m.loaded.fingerprint[:16])
 
     loop.call_soon_threadsafe(publish)
 
@@ -227,7 +296,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             svc = app.state.svc
             if svc is not None:
-                svc.engine.shutdown()
+                svc.shutdown()
                 await svc.cache.close()
 
     app = FastAPI(

@@ -20,7 +20,7 @@ from .. import tracing
 from ..engine import DeadlineExceeded, IterationRecord, Target
 from ..imaging import to_png
 from ..metrics import starting_exposition
-from ..model.presets import preset_name_of
+from ..model.registry import preset_name_of
 from .auth import require_key
 from .cached_tokenize import Outcome
 from .draining import not_draining
@@ -112,8 +112,8 @@ def _json_error(e: ValidationError) -> ApiError:
                     [{"field": ".".join(str(p) for p in x.get("loc", ())), "message": x.get("msg")} for x in errs])
 
 
-async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], bool, bool, bool]:
-    """(images as (bytes, target dict), include_reconstruction, all_iterations, stream)."""
+async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], bool, bool, bool, str | None]:
+    """(images as (bytes, target dict), include_reconstruction, all_iterations, stream, model)."""
     svc = _state(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
@@ -131,7 +131,7 @@ async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], b
             raise _form_error(e) from None
         data = await body.file.read()
         stream = body.stream or _query_flag(request, "stream")
-        return [(data, body.target())], body.include_reconstruction, body.all_iterations, stream
+        return [(data, body.target())], body.include_reconstruction, body.all_iterations, stream, body.model
     if ctype in ("application/json", ""):
         try:
             parsed = TokenizeJSON.model_validate_json(await request.body())
@@ -149,7 +149,7 @@ async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], b
                 raise ApiError(422, "invalid_base64", f"{field}: not valid base64", {"field": field}) from None
             items.append((data, item.target.model_dump(exclude_none=True) if item.target else {}))
         stream = parsed.stream or _query_flag(request, "stream")
-        return items, parsed.include_reconstruction, parsed.all_iterations, stream
+        return items, parsed.include_reconstruction, parsed.all_iterations, stream, parsed.model
     raise ApiError(415, "unsupported_media_type",
                    f"Content-Type {ctype!r} is not accepted: send multipart/form-data (field 'file') or "
                    "application/json")
@@ -158,16 +158,23 @@ async def _parse_tokenize(request: Request) -> tuple[list[tuple[bytes, dict]], b
 # ----- tokenize --------------------------------------------------------------------------------------
 
 
-def _iteration_json(rec: IterationRecord) -> dict:
-    return {"iteration": rec.iteration, "num_tokens": int(rec.token_ids.shape[0]),
-            "token_ids": rec.token_ids.tolist(), "l1": rec.l1, "psnr": rec.psnr}
+def _iteration_json(model, rec: IterationRecord) -> dict:
+    out = {"iteration": rec.iteration, "num_tokens": int(rec.token_ids.shape[0]),
+           "token_ids": rec.token_ids.tolist(), "l1": rec.l1, "psnr": rec.psnr}
+    if rec.positions is not None:
+        out["positions"] = rec.positions.tolist()
+    probe = model.limits.describe(rec.iteration)
+    if probe:
+        out["probe"] = probe
+    return out
 
 
-async def _result_json(svc, out: Outcome, target: Target, include_reconstruction: bool, all_iterations: bool,
+async def _result_json(model, out: Outcome, target: Target, include_reconstruction: bool, all_iterations: bool,
                        started: float, deadline: float) -> dict:
     rec = out.record
     res = {
         "token_ids": rec.token_ids.tolist(), "num_tokens": int(rec.token_ids.shape[0]),
+        **({"positions": rec.positions.tolist()} if rec.positions is not None else {}),
         "iterations": out.iterations, "l1": rec.l1, "psnr": rec.psnr, "target_met": out.target_met,
         "cached": out.cached, "target": target.to_dict(),
         "timings": {"queue_ms": out.queue_s * 1e3, "compute_ms": out.compute_s * 1e3,
@@ -175,10 +182,10 @@ async def _result_json(svc, out: Outcome, target: Target, include_reconstruction
     }
     if include_reconstruction:
         with tracing.span("reconstruct", **{"alit.num_tokens": int(rec.token_ids.shape[0])}):
-            (pixels,) = await svc.engine.reconstruct([rec.token_ids], deadline=deadline)
+            (pixels,) = await model.engine.reconstruct([rec.token_ids], deadline=deadline, positions=[rec.positions])
         res["reconstruction_png"] = base64.b64encode(to_png(pixels)).decode()
     if all_iterations:
-        res["all_iterations"] = [_iteration_json(r) for r in out.trajectory]
+        res["all_iterations"] = [_iteration_json(model, r) for r in out.trajectory]
     return res
 
 
@@ -195,23 +202,24 @@ async def tokenize(request: Request):
     svc = _state(request)
     started = time.monotonic()
     deadline = _deadline(request)
-    items, include_rec, all_iters, stream = await _parse_tokenize(request)
-    prepared = await svc.intake.prepare(items, svc.engine.limits, svc.default_target)
+    items, include_rec, all_iters, stream, name = await _parse_tokenize(request)
+    model = svc.model(name)
+    prepared = await model.intake.prepare(items, model.limits, svc.default_target)
     tag = "fault" if svc.settings.fault_injection and request.headers.get("x-alit-fault") == "step" else None
     if stream:
-        return StreamingResponse(_stream(svc, prepared, include_rec, all_iters, started, deadline),
+        return StreamingResponse(_stream(model, prepared, include_rec, all_iters, started, deadline),
                                  media_type="application/x-ndjson")
 
     async def one(img, target, key):
-        out = await svc.pipeline.tokenize(img, target, deadline, tag=tag, key=key)
-        return await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
+        out = await model.pipeline.tokenize(img, target, deadline, tag=tag, key=key)
+        return await _result_json(model, out, target, include_rec, all_iters, started, deadline)
 
     results = await _unless_disconnected(request, asyncio.gather(*(one(*p) for p in prepared),
                                                                   return_exceptions=True), deadline)
     for r in results:  # the first failure decides the response; the rest finished or were cancelled
         if isinstance(r, BaseException):
             raise r
-    return JSONResponse({"model": svc.model_ref, "results": results})
+    return JSONResponse({"model": model.ref, "results": results})
 
 
 DEADLINE_GRACE_S = 1.0  # past the deadline, time for the engine's own deadline answer to arrive
@@ -231,8 +239,8 @@ async def _unless_disconnected(request: Request, awaitable, deadline: float | No
                 raise ClientGone()
             if deadline is not None and time.monotonic() > deadline + DEADLINE_GRACE_S:
                 svc = request.app.state.svc
-                log.warning("no answer by the request's deadline: cancelled (engine: %s, work held: %s)",
-                            svc.engine.problem or "ready", svc.engine.busy)
+                log.warning("no answer by the request's deadline: cancelled (engines: %s, work held: %s)",
+                            svc.problem or "ready", svc.busy)
                 raise DeadlineExceeded("no answer within the request's deadline (ALIT_REQUEST_TIMEOUT_S or "
                                        "X-Request-Timeout)")
     finally:
@@ -246,18 +254,18 @@ def _retrieve(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-async def _stream(svc, prepared, include_rec, all_iters, started, deadline):
+async def _stream(model, prepared, include_rec, all_iters, started, deadline):
     """NDJSON: `iteration` events as each image's iterations complete, then its `result`."""
     events: asyncio.Queue = asyncio.Queue()
 
     async def one(index: int, img, target, key):
         def progress(rec: IterationRecord):
-            events.put_nowait({"event": "iteration", "index": index, **_iteration_json(rec)})
+            events.put_nowait({"event": "iteration", "index": index, **_iteration_json(model, rec)})
 
         try:
-            out = await svc.pipeline.tokenize(img, target, deadline, progress=progress, key=key)
-            res = await _result_json(svc, out, target, include_rec, all_iters, started, deadline)
-            events.put_nowait({"event": "result", "index": index, "model": svc.model_ref, **res})
+            out = await model.pipeline.tokenize(img, target, deadline, progress=progress, key=key)
+            res = await _result_json(model, out, target, include_rec, all_iters, started, deadline)
+            events.put_nowait({"event": "result", "index": index, "model": model.ref, **res})
         except Exception as e:
             err = to_api_error(e)
             events.put_nowait({"event": "error", "index": index, "status": err.status,
@@ -284,22 +292,37 @@ async def _stream(svc, prepared, include_rec, all_iters, started, deadline):
                         "JSON with base64 PNGs, or the PNG itself for one sequence with `Accept: image/png`"}},
              dependencies=[Depends(require_key), Depends(not_draining)])
 async def reconstruct(body: ReconstructJSON, request: Request):
-    """Token ids -> images. One sequence or a batch; each a multiple of the tokens per iteration."""
+    """Token ids -> images. One sequence or a batch, of the lengths the model accepts (ALIT: a multiple
+    of the tokens per iteration); for a model whose tokens carry positions (KARL), `positions` as
+    `/v1/tokenize` returned them (absent: 0, 1, 2, ...)."""
     svc = _state(request)
     deadline = _deadline(request)
+    model = svc.model(body.model)
     ids = body.token_ids
     single = not ids or not isinstance(ids[0], list)
     seqs = [cast(list[int], ids)] if single else cast(list[list[int]], ids)
+    positions = _positions(body.positions, single, len(seqs))
     if len(seqs) > svc.settings.max_batch_images:
         raise ApiError(413, "too_many_images", f"token_ids: {len(seqs)} sequences; the limit per request is "
                        f"{svc.settings.max_batch_images}", {"field": "token_ids"})
     with tracing.span("reconstruct", **{"alit.sequences": len(seqs)}):
-        pixels = await svc.engine.reconstruct(seqs, deadline=deadline)  # validated there (range, length)
+        pixels = await model.engine.reconstruct(seqs, deadline=deadline, positions=positions)  # validated there
     pngs = await asyncio.to_thread(lambda: [to_png(p) for p in pixels])
     if single and "image/png" in request.headers.get("accept", ""):
         return Response(pngs[0], media_type="image/png")
-    return {"model": svc.model_ref,
+    return {"model": model.ref,
             "images": [{"num_tokens": len(s), "png": base64.b64encode(p).decode()} for s, p in zip(seqs, pngs)]}
+
+
+def _positions(positions, single: bool, n: int) -> list | None:
+    """A reconstruct body's `positions` as one list (or None) per sequence, shaped like `token_ids`."""
+    if positions is None:
+        return None
+    nested = bool(positions) and isinstance(positions[0], list)
+    if nested == single or (not single and len(positions) != n):
+        raise ApiError(422, "invalid_request", "positions: must have the shape of token_ids (one list of positions "
+                       "per sequence)", {"field": "positions"})
+    return [positions] if single else list(positions)
 
 
 # ----- models, health --------------------------------------------------------------------------------
@@ -308,14 +331,20 @@ async def reconstruct(body: ReconstructJSON, request: Request):
 @router.get("/v1/models", response_model=ModelList, tags=["models"],
             dependencies=[Depends(require_key), Depends(not_draining)])
 async def models(request: Request):
+    """Every served model: its family, limits and the targets it accepts (the first is the default)."""
     svc = _state(request)
-    lm, c = svc.engine.loaded, svc.engine.loaded.config
-    return {"object": "list", "data": [{
-        "id": svc.model_ref["id"], "fingerprint": lm.fingerprint, "preset": preset_name_of(c), "source": lm.source,
-        "image_size": c.img_size, "tokens_per_iteration": c.tokens_per_iter, "max_tokens": c.max_tokens,
-        "codebook_size": c.vq_codebook_size, "default_target": TargetSpec(**svc.default_target.to_dict()),
-        "halting": svc.settings.halting,
-    }]}
+    return {"object": "list", "data": [_model_info(svc, m, i == 0) for i, m in enumerate(svc.models.values())]}
+
+
+def _model_info(svc, m, default: bool) -> dict:
+    lm, li = m.loaded, m.limits
+    return {
+        "id": m.id, "family": lm.family.name, "default": default, "fingerprint": lm.fingerprint,
+        "preset": preset_name_of(lm.config), "source": lm.source, "image_size": li.img_size,
+        "max_tokens": li.max_tokens, "codebook_size": li.codebook_size, "accepts": list(li.accepts),
+        "token_positions": li.positional, "default_target": TargetSpec(**svc.default_target.to_dict()),
+        "halting": svc.settings.halting, **li.info(),
+    }
 
 
 @router.get("/metrics", tags=["ops"], response_class=Response,
@@ -335,8 +364,8 @@ async def healthz(request: Request):
     state = request.app.state
     if state.startup_error:
         return JSONResponse(error_body("unhealthy", f"start-up failed: {state.startup_error}"), status_code=503)
-    if state.svc is not None and not state.svc.engine.live:
-        why = state.svc.engine.problem or "a worker thread died"
+    if state.svc is not None and not state.svc.live:
+        why = state.svc.problem or "a worker thread died"
         return JSONResponse(error_body("unhealthy", why), status_code=503)
     return {"status": "ok"}
 
@@ -351,11 +380,11 @@ async def readyz(request: Request):
         return JSONResponse(error_body("starting", why), status_code=503)
     if svc.draining:
         return JSONResponse(error_body("draining", "shutting down; finishing in-flight requests"), status_code=503)
-    if not svc.engine.ready:
-        # the engine says why: a worker warming up, failing (with its last error) or dead; Triton unreachable
-        why = svc.engine.problem or "the engine is not ready"
+    if not svc.ready:
+        # each model's engine says why: a worker warming up, failing (with its last error) or dead; Triton unreachable
+        why = svc.problem or "the engine is not ready"
         return JSONResponse(error_body("unhealthy", why), status_code=503)
-    return {"status": "ready", "model": svc.model_ref,
+    return {"status": "ready", "model": svc.default.ref, "models": [m.ref for m in svc.models.values()],
             "cache": {"backend": svc.cache.backend, "available": svc.cache.available}}
 
 

@@ -18,9 +18,11 @@ class TargetSpec(BaseModel):
     min_psnr: float | None = Field(None,
                                    description="PSNR in dB the clamped reconstruction must reach.", examples=[24.0])
     tokens: int | None = Field(None,
-                               description="Exact token budget (a multiple of the tokens per iteration); no quality is "
-                                           "measured.", examples=[128])
-    max_tokens: int | None = Field(None, description="Cap on tokens for a quality target.", examples=[192])
+                               description="Exact token budget (ALIT: a multiple of the tokens per iteration); no "
+                                           "quality is measured. Not every family takes it (see /v1/models "
+                                           "`accepts`).", examples=[128])
+    max_tokens: int | None = Field(None, description="Cap on tokens for a quality target (KARL: its token budget "
+                                                     "input).", examples=[192])
 
 
 class ImageItem(BaseModel):
@@ -38,10 +40,15 @@ class TokenizeOptions(BaseModel):
     stream: bool = Field(False, description="Answer as NDJSON: one event per iteration, then the result.")
 
 
+MODEL_FIELD = Field(None, description="The served model to use (an id of /v1/models); absent: the default model.",
+                    examples=["karl"])
+
+
 class TokenizeJSON(TokenizeOptions):
     """`application/json`: a batch of base64 images, each with its own target."""
 
     model_config = ConfigDict(extra="forbid")
+    model: str | None = MODEL_FIELD
     images: list[ImageItem] = Field(..., min_length=1, description="One or more images, each with its own target.")
 
 
@@ -50,18 +57,27 @@ class TokenizeForm(TargetSpec, TokenizeOptions):
 
     model_config = ConfigDict(extra="forbid")
     file: UploadFile = Field(..., description="The image (PNG, JPEG, WebP, GIF, BMP, TIFF).")
+    model: str | None = MODEL_FIELD
 
     def target(self) -> dict[str, float | int]:
         """The target fields that were given, as the JSON form's `target` object holds them."""
         return {k: getattr(self, k) for k in TargetSpec.model_fields if getattr(self, k) is not None}
 
 
+POSITIONS_FIELD = Field(None, description="Each id's position in the model's token sequence, for a family whose "
+                        "tokens carry one (KARL halts tokens anywhere); absent for ALIT. Send it back to "
+                        "/v1/reconstruct with the ids.")
+
+
 class IterationOut(BaseModel):
-    iteration: int
+    iteration: int = Field(..., description="The probe's key: ALIT's iteration; see `probe` for other families.")
     num_tokens: int
     token_ids: list[int]
+    positions: list[int] | None = POSITIONS_FIELD
     l1: float | None = None
     psnr: float | None = None
+    probe: dict | None = Field(None, description="What the probe ran, where the key alone does not say "
+                                                 "(KARL: its token budget and quality conditioning).")
 
 
 class Timings(BaseModel):
@@ -72,8 +88,9 @@ class Timings(BaseModel):
 
 class TokenizeResultOut(BaseModel):
     token_ids: list[int]
+    positions: list[int] | None = POSITIONS_FIELD
     num_tokens: int
-    iterations: int = Field(..., description="Iterations run (the halting iteration).")
+    iterations: int = Field(..., description="Probes run: ALIT's iterations (the halting iteration); KARL's passes.")
     l1: float | None = Field(None, description="L1 of the returned tokens' reconstruction; null for a token budget.")
     psnr: float | None = None
     target_met: bool
@@ -86,6 +103,7 @@ class TokenizeResultOut(BaseModel):
 
 class ModelRef(BaseModel):
     id: str
+    family: str
     fingerprint: str
 
 
@@ -97,7 +115,12 @@ class TokenizeResponse(BaseModel):
 class ReconstructJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     token_ids: list[int] | list[list[int]] = Field(
-        ..., description="One token sequence, or a batch of them (each a multiple of the tokens per iteration).")
+        ..., description="One token sequence, or a batch of them (ALIT: each a multiple of the tokens per "
+                         "iteration).")
+    positions: list[int] | list[list[int]] | None = Field(
+        None, description="For a model whose tokens carry positions (KARL): the ids' positions, shaped like "
+                          "token_ids, as /v1/tokenize returned them; absent: 0, 1, 2, ...")
+    model: str | None = MODEL_FIELD
 
 
 class ReconstructImage(BaseModel):
@@ -111,16 +134,24 @@ class ReconstructResponse(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """A served model. Family-specific facts follow the common fields (ALIT: `tokens_per_iteration`,
+    `max_iterations`; KARL: `quality_bins`, `default_budget`, `min_budget`, `retry_stricter`)."""
+
+    model_config = ConfigDict(extra="allow")
     id: str
+    family: str = Field(..., description="alit | karl")
+    default: bool = Field(..., description="Used when a request names no model.")
     fingerprint: str
     preset: str | None
     source: str
     image_size: int
-    tokens_per_iteration: int
     max_tokens: int
     codebook_size: int
+    accepts: list[str] = Field(..., description="The target fields this model honours; others are a 422.")
+    token_positions: bool = Field(..., description="Its token ids come with positions (send them to /reconstruct).")
     default_target: TargetSpec
     halting: bool
+    tokens_per_iteration: int | None = None
 
 
 class ModelList(BaseModel):

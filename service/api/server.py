@@ -33,17 +33,32 @@ def shutdown_bound(settings: Settings) -> float:
     return settings.drain_seconds + SHUTDOWN_MARGIN_S
 
 
-def model_problem(spec: str) -> str:
+def models_problem(settings: Settings) -> str:
+    """Why the configured models cannot be served ("" when they can): `ALIT_MODELS` malformed, or a
+    spec naming no weights. Cheap checks before the port opens."""
+    try:
+        specs = settings.model_specs()
+    except ValueError as e:
+        return str(e)
+    for name, spec in specs:
+        problem = model_problem(spec, f"ALIT_MODELS {name}={spec}" if name else None)
+        if problem:
+            return problem
+    return ""
+
+
+def model_problem(spec: str, what: str | None = None) -> str:
     """Why `spec` cannot name weights ("" when it can): a cheap check before the port opens."""
     if spec.startswith("preset:"):
         return ""
     path = Path(spec)
     if path.is_file() or (path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.pth")))):
         return ""
-    what = "the packaged default model (ALIT_MODEL unset)" if path == SHIPPED_WEIGHTS else f"ALIT_MODEL={spec}"
+    default = "the packaged default model (ALIT_MODEL unset)" if path == SHIPPED_WEIGHTS else f"ALIT_MODEL={spec}"
+    what = what or default
     found = "a folder without a .safetensors or .pth file" if path.is_dir() else "no such file or folder"
     return (f"model weights not found: {what}; tried {path.resolve()}: {found}. Set ALIT_MODEL to a weights "
-            "file or folder, or ALIT_MODEL=preset:NAME for random weights")
+            "file or folder (or ALIT_MODELS=ID=PATH,...), or ALIT_MODEL=preset:NAME for random weights")
 
 
 class DrainingServer(uvicorn.Server):
@@ -85,7 +100,7 @@ def _exit_now(bound: float) -> None:
 
 
 def serve(settings: Settings) -> None:
-    problem = model_problem(settings.model)
+    problem = models_problem(settings)
     if problem:
         raise SystemExit(problem)
     logs.configure(settings.log_format, settings.log_level)

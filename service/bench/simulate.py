@@ -90,7 +90,7 @@ def sim_target(req: Request, limits: ALITLimits) -> Target:
     """A target that makes the stand-in halt where the real model does for this request."""
     if req.target.tokens is not None:
         return req.target
-    return Target(max_l1=0.5, max_tokens=req.target.iteration_cap(limits) * limits.tokens_per_iter)
+    return Target(max_l1=0.5, max_tokens=len(req.target.ladder(limits)) * limits.tokens_per_iter)
 
 
 def _latency(latencies: list[float], clock: VirtualClock, arrived: float, _future) -> None:

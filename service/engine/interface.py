@@ -22,6 +22,7 @@ class EngineInterface(Protocol):
     limits: Limits
     observer: EngineObserver
     accepting: bool  # False while draining or stopped: submissions raise EngineStopped
+    workers: list  # the in-process workers (one per device; Triton's front: its local /reconstruct worker)
 
     def start(self) -> Any: ...
     def shutdown(self) -> None: ...

@@ -61,7 +61,7 @@ class ModelRunner:
         self.dtype = dtype
         self.observer = observer
         self.fault_hook: Callable[[list[Job]], None] | None = None  # tests inject model-call failures
-        model.batch_mode = batch_mode  # type: ignore[assignment]
+        model.batch_mode = batch_mode
 
     def precision(self) -> contextlib.AbstractContextManager:
         return precision(self.device, self.dtype)

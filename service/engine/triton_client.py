@@ -29,7 +29,7 @@ from ..model.checkpoint import LoadedModel
 from .errors import DeadlineExceeded, EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .observer import EngineObserver
 from .records import IterationRecord, Selection, TokenizeResult
-from .targets import ModelLimits, Target, check_token_ids
+from .targets import Target, check_token_ids
 from .workers import Engine, EngineSettings
 
 
@@ -41,8 +41,7 @@ class TritonEngine:
         self.loaded = loaded
         self.url = url
         self.model_name = model_name
-        cfg = loaded.config
-        self.limits = ModelLimits(cfg.tokens_per_iter, cfg.max_iters)
+        self.limits = loaded.limits
         settings = local or EngineSettings(devices="cpu", warmup=False)
         self.capacity = settings.max_queue + settings.max_batch  # images in flight at Triton, at most
         self.observer = observer or EngineObserver()
@@ -89,7 +88,7 @@ class TritonEngine:
         replies: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: replies.put((result, error)))
         try:
-            probe = torch.zeros(3, self.loaded.config.img_size, self.loaded.config.img_size)
+            probe = torch.zeros(3, self.limits.img_size, self.limits.img_size)
             client.async_stream_infer(self.model_name, self._inputs(probe, Target(tokens=self.limits.tokens_per_iter),
                                                                     every=False))
             result, error = replies.get(timeout=60)
@@ -262,10 +261,11 @@ class TritonEngine:
         self.inflight += n
         self.observer.active(self.DEVICE, self.inflight, 0)
 
-    async def reconstruct(self, token_ids, deadline: float | None = None) -> list[torch.Tensor]:
-        for ids in token_ids:
-            check_token_ids(ids, self.loaded.config.vq_codebook_size, self.limits)
-        return await self.local.reconstruct(token_ids, deadline=deadline)
+    async def reconstruct(self, token_ids, deadline: float | None = None, positions: list | None = None
+                          ) -> list[torch.Tensor]:
+        for ids, pos in zip(token_ids, positions or [None] * len(token_ids)):
+            check_token_ids(ids, self.limits, pos)
+        return await self.local.reconstruct(token_ids, deadline=deadline, positions=positions)
 
 
 def trace_headers() -> dict[str, str]:

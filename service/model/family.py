@@ -177,8 +177,8 @@ class Family:
     """A family's entry in the registry: how to recognise, configure, build and check its models."""
 
     name: str
-    model: Callable[[Any], Tokenizer]  # config -> network (random weights)
-    config: type  # its configuration: `from_reference_json(d)` (our config.json or the reference's), `to_dict()`
+    model: Callable[[Any], Any]  # config -> network (random weights): a `Tokenizer` and torch module
+    config: Any  # its configuration class: `from_reference_json(d)` (our config.json or the reference's), `to_dict()`
     presets: Mapping[str, Any]  # name -> config
     marker: str  # a state-dict key only this family's checkpoints hold
     reference_key: str  # the key of a reference config.json that names this family's constructor arguments

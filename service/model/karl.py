@@ -519,18 +519,19 @@ class KARL(nn.Module):
     def decode_logits(self, token_ids: list[torch.Tensor],
                       positions: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Token ids, each with its position in 0..latent_rows-1 (None: 0..n-1) -> logits (B, G, V),
-        float32. Each sequence is decoded on its own (one packed call for all)."""
+        float32. Each sequence is decoded on its own (one packed call for all). An empty sequence is
+        valid: every latent of a pass may halt, and the 2D queries still decode (to the model's prior)."""
         rows, dec = self.cfg.latent_rows, self.decoder
         pos = list(positions) if positions is not None else [None] * len(token_ids)
         if len(pos) != len(token_ids):
             raise ValueError(f"{len(token_ids)} token sequences but {len(pos)} position lists")
         counts = [int(ids.shape[0]) for ids in token_ids]
         for n, p in zip(counts, pos):
-            if not 1 <= n <= rows:
-                raise ValueError(f"token sequences must hold 1..{rows} ids, got {n}")
+            if n > rows:
+                raise ValueError(f"token sequences must hold at most {rows} ids, got {n}")
             if p is not None and tuple(p.shape) != (n,):
                 raise ValueError(f"{n} token ids but positions of shape {tuple(p.shape)}")
-        ids_all = torch.cat([ids.to(self.device) for ids in token_ids])
+        ids_all = torch.cat([ids.to(self.device, torch.long) for ids in token_ids])
         pos_all = torch.cat([torch.arange(n, device=self.device) if p is None else p.to(self.device)
                              for n, p in zip(counts, pos)])
         two_d = dec.ln_pre(self.decoder_queries())  # LayerNorm is per token: once for every sequence

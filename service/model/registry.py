@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from . import alit  # TEMP: karl
+from . import alit, karl
 from .family import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     alit.FAMILY,
-    # karl.FAMILY,
+    karl.FAMILY,
 )}
 LEGACY_FAMILY = "alit"  # config.json files written before families existed name none
 

@@ -51,9 +51,9 @@ class TritonPythonModel:
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         self.loaded = resolve(settings.model, heads=settings.heads)
         self.engine = Engine(self.loaded, engine_settings(settings, devices=device),
-                             observer=_observer(self.loaded.config, settings.max_batch)).start()
+                             observer=_observer(args["model_name"], self.loaded.limits, settings.max_batch)).start()
         self.default_target = Target(max_l1=settings.default_max_l1)
-        self.size = self.loaded.config.img_size
+        self.size = self.loaded.limits.img_size
         self.fingerprint = np.array([[self.loaded.fingerprint.encode()]], dtype=object)
 
     # ----- request -> job ----------------------------------------------------------------------------
@@ -150,12 +150,13 @@ class TritonPythonModel:
         self.engine.shutdown()
 
 
-def _observer(config, max_batch: int):
-    """The engine's metrics on Triton's /metrics; none when Triton runs with metrics off."""
+def _observer(model: str, limits, max_batch: int):
+    """The engine's metrics on Triton's /metrics (labelled with this Triton model's name); none when
+    Triton runs with metrics off."""
     try:
         from triton_metrics import TritonMetrics
 
-        return TritonMetrics(config.max_iters, max_batch, config.max_tokens, config.tokens_per_iter)
+        return TritonMetrics(model, limits.max_probes, max_batch, limits.token_buckets())
     except Exception as e:  # pb_utils refuses custom metrics under --allow-metrics=false
         print(f"alit: engine metrics disabled ({e})", file=sys.stderr)
         return None

@@ -16,11 +16,12 @@ from service.metric_defs import REJECT_REASONS, engine_metrics
 
 
 class TritonMetrics(EngineObserver):
-    def __init__(self, max_iters: int, max_batch: int, max_tokens: int, tokens_per_iter: int):
+    def __init__(self, model: str, max_probes: int, max_batch: int, token_buckets: tuple[int, ...]):
         kinds = {"histogram": pb_utils.MetricFamily.HISTOGRAM, "gauge": pb_utils.MetricFamily.GAUGE,
                  "counter": pb_utils.MetricFamily.COUNTER}
         self._families = {key: (pb_utils.MetricFamily(d.name, d.help, kinds[d.kind]), d.buckets)
-                          for key, d in engine_metrics(max_iters, max_batch, max_tokens, tokens_per_iter).items()}
+                          for key, d in engine_metrics(max_probes, max_batch, token_buckets).items()}
+        self.model = model  # every engine series carries the served model's id
         self._metrics: dict[tuple, object] = {}
         self._lock = threading.Lock()
         for reason in REJECT_REASONS:
@@ -28,6 +29,7 @@ class TritonMetrics(EngineObserver):
 
     def _get(self, key: str, **labels):
         """One Metric per (family, labels), created on first use (creating one is an IPC round trip)."""
+        labels = {"model": self.model, **labels}
         k = (key, *sorted(labels.items()))
         with self._lock:
             m = self._metrics.get(k)
