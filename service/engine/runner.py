@@ -17,6 +17,7 @@ import torch
 
 from ..model.family import Tokenizer, content_seed, quality
 from ..model.precision import precision
+from ..model.transformer import BatchMode
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
 
@@ -61,7 +62,7 @@ class ModelRunner:
         self.dtype = dtype
         self.observer = observer
         self.fault_hook: Callable[[list[Job]], None] | None = None  # tests inject model-call failures
-        model.batch_mode = batch_mode
+        model.batch_mode = cast(BatchMode, batch_mode)
 
     def precision(self) -> contextlib.AbstractContextManager:
         return precision(self.device, self.dtype)

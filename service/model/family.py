@@ -32,6 +32,8 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
+from .transformer import BatchMode
+
 TARGET_FIELDS = ("max_l1", "min_psnr", "tokens", "max_tokens")
 
 
@@ -145,8 +147,11 @@ def content_seed(image: torch.Tensor) -> int:
 class Tokenizer(Protocol):
     """The step API every family's network implements (it is a torch module besides)."""
 
-    limits: Limits
-    batch_mode: str
+    batch_mode: BatchMode  # how sequences of different lengths share a call (transformer.run_blocks)
+    retry_stricter: bool  # conditioned families: a missed target runs again at a stricter conditioning
+
+    @property
+    def limits(self) -> Limits: ...
 
     def prepare(self, images: torch.Tensor, seeds: list[int] | None = None) -> list[Any]:
         """Encode a batch (B, 3, H, W) in [0, 1] into one state per image."""
