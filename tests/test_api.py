@@ -291,7 +291,7 @@ def test_openapi_describes_every_endpoint_schema_and_error(start_server):
         assert p in paths, p
     tok = paths["/v1/tokenize"]["post"]
     assert {"multipart/form-data", "application/json"} <= set(tok["requestBody"]["content"])
-    for code in ("401", "413", "415", "422", "503", "504"):
+    for code in ("401", "404", "413", "415", "422", "503", "504"):
         assert tok["responses"][code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     schemas = spec["components"]["schemas"]
     for name in ("TokenizeJSON", "TokenizeForm", "TokenizeResponse", "TokenizeResultOut", "TargetSpec",
@@ -302,7 +302,7 @@ def test_openapi_describes_every_endpoint_schema_and_error(start_server):
     form = schemas[ref.rsplit("/", 1)[1]]
     props = form["properties"]
     assert set(props) == {"file", "max_l1", "min_psnr", "tokens", "max_tokens", "include_reconstruction",
-                          "all_iterations", "stream"}, set(props)
+                          "all_iterations", "stream", "model"}, set(props)
     assert form["required"] == ["file"] and form["additionalProperties"] is False
     assert props["file"]["type"] == "string"
     assert {"number", "null"} == {t["type"] for t in props["max_l1"]["anyOf"]}

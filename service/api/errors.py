@@ -101,10 +101,12 @@ def install(app: FastAPI) -> None:
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or wrong API key", "model": None},
+    404: {"description": "The request's `model` is not served (model_not_found; detail.served lists the ids)"},
     413: {"description": "Body or image too large"},
     415: {"description": "Not a supported image"},
     429: {"description": "The API key's rate limit is exceeded (Retry-After)"},
-    422: {"description": "Invalid image, target, token ids or request field"},
+    422: {"description": "Invalid image, target (or one the model's family does not take), token ids, positions "
+                        "or request field"},
     503: {"description": "Overloaded (Retry-After), draining, or the Triton engine unreachable"},
     504: {"description": "Deadline exceeded"},
 }
