@@ -20,9 +20,10 @@ import httpx
 DASHBOARD = Path(__file__).parent / "grafana" / "dashboards" / "alit.json"
 
 
-def concrete(expr: str, rate_interval: str = "30s", rng: str = "10m", job: str = ".*") -> str:
-    """A panel query with Grafana's variables filled in (`job` is a regex: ".*" is Grafana's All)."""
-    return expr.replace("$__rate_interval", rate_interval).replace("$__range", rng).replace("$job", job)
+def concrete(expr: str, rate_interval: str = "30s", rng: str = "10m", job: str = ".*", model: str = ".*") -> str:
+    """A panel query with Grafana's variables filled in (`job`, `model`: regexes; ".*" is Grafana's All)."""
+    return (expr.replace("$__rate_interval", rate_interval).replace("$__range", rng).replace("$job", job)
+            .replace("$model", model))
 
 
 def panel_queries(dashboard: dict) -> list[tuple[str, list[tuple[str, str]]]]:

@@ -37,6 +37,7 @@ TOLERANCES = {
     "reduced": {"recon": 0.15, "l1": 0.01, "default": 0.1},
 }
 MAX_FLIP_FRACTION = {"float32": 0.0, "reduced": 0.05}
+REDUCED_RELATIVE = 0.1  # reduced precision, where a checker gives its own float32 tolerance: 10 % of the values' range
 
 
 @dataclass
@@ -67,12 +68,18 @@ class Report:
         return t.get(kind, t["default"])
 
     def continuous(self, name: str, got, expected, kind: str = "default", atol: float | None = None) -> None:
-        """Max abs error within `atol` (float32; a fixture's own advice) or the `kind`'s tolerance."""
+        """Max abs error within `atol` (a fixture's own float32 advice; in reduced precision, 10 % of the
+        largest expected magnitude, at least the `kind`'s tolerance) or the `kind`'s tolerance."""
         got, expected = _np(got), np.asarray(expected)
         if got.shape != expected.shape:
             raise AssertionError(f"{name}: shape {got.shape} != expected {expected.shape}")
         err = float(np.abs(got.astype(np.float64) - expected).max()) if got.size else 0.0
-        tol = atol if atol is not None and self.precision == "float32" else self.tol(kind)
+        if atol is None:
+            tol = self.tol(kind)
+        elif self.precision == "float32":
+            tol = atol
+        else:  # a fixture-specific scale: reduced precision errs relative to the values' size
+            tol = max(self.tol(kind), REDUCED_RELATIVE * float(np.abs(expected).max(initial=0.0)))
         self.rows.append(Row(name, got.size, 0, err, tol, False))
 
     def discrete(self, name: str, got, expected, margin=None, tie: float = NEAR_TIE) -> None:

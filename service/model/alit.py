@@ -80,18 +80,8 @@ class ALITLimits(Limits):
 
     tokens_per_iter: int = 32
     max_iters: int = 8
-    image_size: int = 256
-    codebook: int = 4096
     halting_threshold: float = 0.55
     family = "alit"
-
-    @property
-    def img_size(self) -> int:
-        return self.image_size
-
-    @property
-    def codebook_size(self) -> int:
-        return self.codebook
 
     @property
     def max_tokens(self) -> int:
@@ -210,7 +200,8 @@ class ALIT(nn.Module):
     @property
     def limits(self) -> ALITLimits:
         c = self.cfg
-        return ALITLimits(c.tokens_per_iter, c.max_iters, c.img_size, c.vq_codebook_size, c.halting_threshold)
+        return ALITLimits(c.tokens_per_iter, c.max_iters, c.halting_threshold, image_size=c.img_size,
+                          codebook=c.vq_codebook_size)
 
     def step_weight(self, state: ImageState, probe: int) -> int:
         """The sequence an iteration runs: class token, grid, and 32 latents per iteration so far."""

@@ -73,14 +73,16 @@ class Limits:
     family: ClassVar[str] = ""
     accepts: ClassVar[tuple[str, ...]] = TARGET_FIELDS  # the target fields it honours
     positional: ClassVar[bool] = False  # token ids come with positions (see `check_sequence`)
+    image_size: int = field(default=256, kw_only=True)  # the model's input side, pixels
+    codebook: int = field(default=4096, kw_only=True)  # ids are in [0, codebook)
 
     @property
     def img_size(self) -> int:
-        raise NotImplementedError
+        return self.image_size
 
     @property
     def codebook_size(self) -> int:
-        raise NotImplementedError
+        return self.codebook
 
     @property
     def max_tokens(self) -> int:

@@ -282,8 +282,6 @@ class KARLLimits(Limits):
     accepts: ClassVar[tuple[str, ...]] = ("max_l1", "max_tokens")
     positional: ClassVar[bool] = True
 
-    image_size: int = 256
-    codebook: int = 4096
     latent_rows: int = 512
     min_budget: int = 16
     default_budget: int = 256
@@ -292,16 +290,8 @@ class KARLLimits(Limits):
 
     @classmethod
     def of(cls, cfg: KARLConfig, retry_stricter: bool = False) -> KARLLimits:
-        return cls(cfg.img_size, cfg.vq_codebook_size, cfg.latent_rows, cfg.min_budget, cfg.default_budget,
-                   cfg.quality_bins, retry_stricter)
-
-    @property
-    def img_size(self) -> int:
-        return self.image_size
-
-    @property
-    def codebook_size(self) -> int:
-        return self.codebook
+        return cls(cfg.latent_rows, cfg.min_budget, cfg.default_budget, cfg.quality_bins, retry_stricter,
+                   image_size=cfg.img_size, codebook=cfg.vq_codebook_size)
 
     @property
     def max_tokens(self) -> int:
