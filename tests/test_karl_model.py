@@ -205,3 +205,19 @@ def test_continuous_latent_variants_are_refused(ref_json, ema):
         KARLConfig.from_reference_json(d)
     with pytest.raises(ConfigError, match="token ids"):
         check_weights({k: v for k, v in ema.items() if k != "quantize.embedding.weight"})
+
+
+def test_convert_loads_back_with_the_same_fingerprint_and_the_loader_finds_the_family(tmp_path):
+    from service.model.checkpoint import convert, load_model
+
+    loaded = convert(FIXTURE / "checkpoint.pth", tmp_path / "out")
+    again = load_model(tmp_path / "out")
+    assert loaded.family.name == again.family.name == "karl"
+    assert again.fingerprint == loaded.fingerprint == load_model(FIXTURE).fingerprint
+    assert "| family | karl |" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    # without any config.json the family comes from the weights' keys and the shapes give the config
+    bare = tmp_path / "bare" / "weights.safetensors"
+    bare.parent.mkdir()
+    bare.write_bytes((FIXTURE / "model.safetensors").read_bytes())
+    inferred = load_model(bare, heads=2)
+    assert inferred.family.name == "karl" and inferred.config.encoder_width == 64

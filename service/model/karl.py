@@ -542,7 +542,6 @@ def card(cfg: KARLConfig) -> list[tuple[str, str]]:
     """Model-card rows for a KARL configuration."""
     c = cfg
     return [
-        ("family", "KARL (single-pass adaptive tokenizer)"),
         ("image size / patch / grid", f"{c.img_size} / {c.patch_size} / {c.grid_size}x{c.grid_size}"),
         ("encoder / decoder", f"{c.encoder_width}w x {c.encoder_layers}L x {c.encoder_heads}h / "
                               f"{c.decoder_width}w x {c.decoder_layers}L x {c.decoder_heads}h"),
