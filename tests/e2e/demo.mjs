@@ -23,6 +23,9 @@ try {
     reconstruction: document.querySelector("#reconstruction").src.slice(0, 22),
     curl: document.querySelector("#curl").textContent,
     chosen: document.querySelectorAll(".strip figure.chosen").length,
+    picker: !!document.querySelector("#model") && document.querySelector("#model").offsetParent !== null,
+    compare: !!document.querySelector("#compareView") && document.querySelector("#compareView").offsetParent !== null,
+    kinds: [...document.querySelectorAll("#kind option")].map((o) => o.value),
   }));
 
   await page.setInputFiles("#file", imagePath);       // upload (default target: max L1 0.10)
