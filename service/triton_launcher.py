@@ -2,6 +2,10 @@
 repository: `alit-serve triton` / `make triton`. For development and tests; production runs NVIDIA's
 Triton container on `model_repository/`.
 
+The repository is used in place (never copied): its models `alit` and `karl` share one code folder
+(`karl/1` is a relative link to `alit/1`), and each picks its weights by its name (`ALIT_MODELS`,
+see model_repository/alit/1/model.py). Triton loads every model of the repository.
+
 The wheel's tree is assembled into a runtime folder (the Python backend needs the stub built for
 this Python next to it), its bundled libraries go on LD_LIBRARY_PATH, and ALIT_PYTHONPATH tells the
 model's `model.py` where this environment's packages and the project are (the stub ignores
@@ -81,9 +85,10 @@ def start(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, exit
 
 
 def start_ready(runtime: Path, ports: TritonPorts, log: Path, extra_env: dict | None = None, model: str = "alit",
-                timeout: float = 180.0, exit_timeout: int = 5) -> subprocess.Popen:
-    """Start a tritonserver (output to `log`) and return once `model` is ready; raise with the log's
-    tail if it exits or does not get there in `timeout` seconds. For tests and benchmarks."""
+                timeout: float = 180.0, exit_timeout: int = 5, models: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start a tritonserver (output to `log`) and return once `model` (or every one of `models`) is
+    ready; raise with the log's tail if it exits or does not get there in `timeout` seconds. For tests
+    and benchmarks."""
     import time
     import urllib.error
     import urllib.request
@@ -91,20 +96,26 @@ def start_ready(runtime: Path, ports: TritonPorts, log: Path, extra_env: dict | 
     with open(log, "w") as out:
         proc = start(runtime, ports, exit_timeout=exit_timeout, extra_env=extra_env, stdout=out,
                      stderr=subprocess.STDOUT)
+    waiting = list(models or (model,))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"tritonserver exited with {proc.returncode}: {log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/models/{model}/ready", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/models/{waiting[0]}/ready",
+                                        timeout=1) as r:
                 if r.status == 200:
-                    return proc
+                    waiting.pop(0)
+                    if not waiting:
+                        return proc
+                    continue
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.3)
     proc.kill()
     proc.wait()
-    raise TimeoutError(f"tritonserver: {model} not ready after {timeout:.0f} s: {log.read_text()[-3000:]}")
+    raise TimeoutError(f"tritonserver: {', '.join(waiting)} not ready after {timeout:.0f} s: "
+                       f"{log.read_text()[-3000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,15 +191,23 @@ class Server:
         return self.proc.returncode
 
 
+KARL_FIXTURE = ROOT / "tests" / "fixtures" / "karl-reference"
+TRITON_MODELS = f"alit={FIXTURE / 'checkpoint.pth'},karl={KARL_FIXTURE}"  # the session tritonserver's ALIT_MODELS
+
+
 @pytest.fixture(scope="session")
 def triton_ports(tmp_path_factory):
-    """A real tritonserver (nvidia-pytriton wheel) on model_repository/, serving the fixture model."""
+    """A real tritonserver (nvidia-pytriton wheel) on model_repository/, serving the ALIT fixture as
+    `alit` and the KARL fixture as `karl` (TRITON_MODELS); ALIT_MODEL is the ALIT fixture too, so a
+    front with ALIT_MODEL alone (its one model asks for `alit`) matches it."""
     from service.triton_launcher import TritonPorts, start_ready
 
     ports = TritonPorts(free_port(), free_port(), free_port())
-    env = {"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"), "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
-    proc = start_ready(tmp_path_factory.mktemp("runtime"), ports, tmp_path_factory.mktemp("triton") / "tritonserver.log",
-                       extra_env=env, timeout=120, exit_timeout=3)
+    env = {"ALIT_MODEL": str(FIXTURE / "checkpoint.pth"), "ALIT_MODELS": TRITON_MODELS,
+           "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    proc = start_ready(tmp_path_factory.mktemp("runtime"), ports, log, extra_env=env, timeout=120, exit_timeout=3,
+                       models=("alit", "karl"))
     yield ports
     terminate(proc, timeout=15)
 

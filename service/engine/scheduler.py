@@ -221,5 +221,5 @@ class Scheduler:
             trajectory=j.target.walked(j.records, self.limits, len(j.records)) if j.want_trajectory else None,
         )
         j.state = None  # free the sequence now
-        self.observer.retired(j.target.kind, result.selected_iteration, result.num_tokens, result.target_met)
+        self.observer.retired(j.target.kind, chosen.iterations, result.num_tokens, result.target_met)
         j.resolve(result)

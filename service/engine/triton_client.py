@@ -2,14 +2,20 @@
 
 It has the in-process `Engine`'s face (tokenize / reconstruct / limits / readiness / observer
 hooks), so the API, its cache, auth, limits, errors and metrics stay the same in front of Triton.
-Each tokenize call is one gRPC stream to the decoupled `alit` model, with ALL_ITERATIONS on when a
-trajectory or progress is asked for: the per-iteration responses become the trajectory the cache
-and stream mode need. Images are sent
-preprocessed (PIXELS, 8-bit, already the model's size), so Triton computes exactly what the
-in-process engine would, and with all four target inputs (NaN / 0 = not set), so requests with
+One TritonEngine per served model, each talking to the Triton model of that name (`alit`, `karl`:
+model_repository/), whatever its family. Each tokenize call is one gRPC stream to the decoupled
+model, with ALL_ITERATIONS on when a trajectory or progress is asked for: the per-probe responses
+(tokens, positions, probe key, quality) become the trajectory the cache and stream mode need, and
+the answer is the halting rule (`Target.select`) over them, checked against Triton's own. Images
+are sent preprocessed (PIXELS, 8-bit, already the model's size), so Triton computes exactly what
+the in-process engine would, and with all four target inputs (NaN / 0 = not set), so requests with
 different targets can share one of Triton's batches. Every response carries the served model's
 fingerprint; one that differs from ours fails the request (503) instead of mixing two models.
 Admission is bounded here like the in-process queue (max_queue + max_batch in flight -> 503).
+
+A server older than the POSITIONS / PROBE outputs still works: positions are then None, and since
+its answer does not name its probe, every request asks for the per-probe responses and takes the
+answer's key from the halting rule over them.
 
 /reconstruct stays in this process (one decoder pass, no recurrence); the model weights are loaded
 here for it, for validation limits and for the fingerprint in cache keys.
@@ -21,6 +27,7 @@ import asyncio
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,8 +36,19 @@ from ..model.checkpoint import LoadedModel
 from .errors import DeadlineExceeded, EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .observer import EngineObserver
 from .records import IterationRecord, Selection, TokenizeResult
-from .targets import Target, check_token_ids
+from .targets import Target
 from .workers import Engine, EngineSettings
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One Triton response, read."""
+
+    record: IterationRecord  # its tokens (and positions) and quality; key = PROBE (see `keyed`)
+    iterations: int  # ITERATIONS: probes run (the answer) or run so far (a per-probe response)
+    final: bool
+    target_met: bool
+    keyed: bool  # the response named its probe (PROBE); an older server's answer does not
 
 
 class TritonEngine:
@@ -53,6 +71,7 @@ class TritonEngine:
         self._poller: threading.Thread | None = None
         self._ready = False
         self._problem = ""  # why not ready, for logs and errors
+        self._keyed = True  # Triton's answers name their probe (PROBE); learnt on every (re)connection
         self._stop = threading.Event()
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
 
@@ -84,19 +103,19 @@ class TritonEngine:
         self.observer.worker_health(self.DEVICE, self.ready)
 
     def _check_model(self, client) -> None:
-        """One 32-token probe; its response names the served model's fingerprint."""
+        """One request of the loosest target (met by the first probe; every family accepts max_l1): its
+        response names the served model's fingerprint, and whether Triton's answers name their probe."""
         replies: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: replies.put((result, error)))
         try:
-            probe = torch.zeros(3, self.limits.img_size, self.limits.img_size)
-            client.async_stream_infer(self.model_name, self._inputs(probe, Target(tokens=self.limits.tokens_per_iter),
-                                                                    every=False))
+            blank = torch.zeros(3, self.limits.img_size, self.limits.img_size)
+            client.async_stream_infer(self.model_name, self._inputs(blank, Target(max_l1=1.0), every=False))
             result, error = replies.get(timeout=60)
         finally:
             client.stop_stream()
         if error is not None:
             raise EngineUnavailable(f"probe request to Triton failed: {error}")
-        self._record(result)  # raises EngineUnavailable on another model
+        self._keyed = self._record(result).keyed  # raises EngineUnavailable on another model
         self._ready, self._problem = True, ""
 
     def _poll(self) -> None:
@@ -165,35 +184,47 @@ class TritonEngine:
             inputs.append(t)
         return inputs
 
-    def _record(self, result) -> tuple[IterationRecord, bool, bool]:
-        """One response -> (record, is_final, target_met), after checking which model produced it."""
+    def _record(self, result) -> Reply:
+        """One response, after checking which model produced it."""
         served = result.as_numpy("MODEL_FINGERPRINT")
         served = served.reshape(-1)[0].decode() if served is not None else "(none)"
         if served != self.loaded.fingerprint:
             self._ready = False
-            self._problem = (f"Triton serves another model (fingerprint {served[:12]}) than this service loaded "
-                             f"({self.loaded.fingerprint[:12]}); point ALIT_MODEL at the same weights for both")
+            self._problem = (f"Triton's model {self.model_name!r} is another model (fingerprint {served[:12]}) than "
+                             f"this service loaded ({self.loaded.fingerprint[:12]}); give both the same weights "
+                             f"(ALIT_MODEL, or ALIT_MODELS={self.model_name}=SPEC on both sides)")
             raise EngineUnavailable(self._problem)
         out = {k: result.as_numpy(k) for k in ("TOKEN_IDS", "ITERATIONS", "L1", "PSNR", "TARGET_MET", "IS_FINAL")}
+        probe, positions = result.as_numpy("PROBE"), result.as_numpy("POSITIONS")  # None from an older server
+        iterations, final = int(out["ITERATIONS"][0, 0]), bool(out["IS_FINAL"][0, 0])
+        # an older server's per-probe responses name their probe in ITERATIONS (ALIT, the only family it served)
+        key = int(probe[0, 0]) if probe is not None else iterations
+        pos = positions[0].astype(np.int32) if positions is not None and self.limits.positional else None
         l1, psnr = float(out["L1"][0, 0]), float(out["PSNR"][0, 0])
-        rec = IterationRecord(int(out["ITERATIONS"][0, 0]), out["TOKEN_IDS"][0].astype(np.int32),
-                              None if np.isnan(l1) else l1, None if np.isnan(psnr) else psnr)
-        return rec, bool(out["IS_FINAL"][0, 0]), bool(out["TARGET_MET"][0, 0])
+        rec = IterationRecord(key, out["TOKEN_IDS"][0].astype(np.int32), None if np.isnan(l1) else l1,
+                              None if np.isnan(psnr) else psnr, positions=pos)
+        return Reply(rec, iterations, final, bool(out["TARGET_MET"][0, 0]), keyed=probe is not None or not final)
 
-    def _answer(self, target: Target, records: list[IterationRecord], final: IterationRecord,
-                met: bool) -> Selection:
-        """The answer for `target`: with per-iteration responses, the halting rule (`Target.select`)
-        over them, which must agree with Triton's final response; without them, the final response
-        itself (its tokens are those of iteration tokens / tokens_per_iter; ITERATIONS = iterations run)."""
+    def _answer(self, target: Target, records: list[IterationRecord], final: Reply) -> Selection:
+        """The answer for `target`: with per-probe responses, the halting rule (`Target.select`) over
+        them, which must agree with Triton's final response; without them, the final response itself
+        (PROBE names its probe, ITERATIONS the probes run)."""
         if not records:
-            n = final.token_ids.shape[0] // self.limits.tokens_per_iter
-            return Selection(IterationRecord(n, final.token_ids, final.l1, final.psnr), final.iteration, met)
+            if not final.keyed:  # a server swapped for an older one since we checked: ask for every probe
+                self._keyed = False
+                self.observer.rejected("step_failed")
+                raise StepFailed("Triton's answer names no probe (a model.py without the PROBE output); retry")
+            return Selection(final.record, final.iterations, final.target_met)
         answer = target.select({r.iteration: r for r in records}, self.limits)
-        if (answer is None or answer.iterations != final.iteration or answer.target_met != met
-                or not np.array_equal(answer.record.token_ids, final.token_ids)):
+        got = final.record
+        if (answer is None or answer.iterations != final.iterations or answer.target_met != final.target_met
+                or (final.keyed and answer.record.iteration != got.iteration)
+                or not np.array_equal(answer.record.token_ids, got.token_ids)
+                or not _same(answer.record.positions, got.positions)):
             self.observer.rejected("step_failed")
-            raise StepFailed(f"Triton's answer (iteration {final.iteration}, target met {met}) disagrees with the "
-                             f"halting rule over its own iterations ({answer}); are both sides the same version?")
+            raise StepFailed(f"Triton's answer (probe {got.iteration if final.keyed else '?'}, {final.iterations} "
+                             f"run, target met {final.target_met}) disagrees with the halting rule over its own "
+                             f"probes ({answer}); are both sides the same version?")
         return answer
 
     async def tokenize(self, image: torch.Tensor, target: Target, deadline: float | None = None,
@@ -206,26 +237,27 @@ class TritonEngine:
             raise QueueFull(self.inflight, self.retry_after())
         started = time.monotonic()
         records: list[IterationRecord] = []
-        final = None
+        final: Reply | None = None
 
         async def run():
             nonlocal final
 
             async def requests():
-                # per-iteration responses only when someone reads them (the API's cache always does)
-                every = trajectory or progress is not None
+                # per-probe responses only when someone reads them (the API's cache always does), or
+                # when Triton's answer would not name its probe (an older server)
+                every = trajectory or progress is not None or not self._keyed
                 yield {"model_name": self.model_name, "inputs": self._inputs(image, target, every=every)}
 
             async for result, error in self._client().stream_infer(requests(), headers=trace_headers() or None):
                 if error is not None:
                     raise _map_error(error)
-                rec, is_final, met = self._record(result)
-                if is_final:
-                    final = (rec, met)
+                reply = self._record(result)
+                if reply.final:
+                    final = reply
                     return
-                records.append(rec)
+                records.append(reply.record)
                 if progress is not None:
-                    progress(rec)
+                    progress(reply.record)
 
         self._enter(+1)
         try:
@@ -247,15 +279,15 @@ class TritonEngine:
         if final is None:
             self.observer.rejected("step_failed")
             raise StepFailed("Triton closed the stream without a result")
-        answer = self._answer(target, records, *final)
+        answer = self._answer(target, records, final)
         total = time.monotonic() - started
         self._latency = 0.9 * self._latency + 0.1 * total
         rec, met = answer.record, answer.target_met
-        self.observer.retired(target.kind, rec.iteration, rec.token_ids.shape[0], met)
+        self.observer.retired(target.kind, answer.iterations, rec.token_ids.shape[0], met)
         return TokenizeResult(token_ids=rec.token_ids, iterations=answer.iterations, selected_iteration=rec.iteration,
                               l1=rec.l1, psnr=rec.psnr, target_met=met, pixel_decodes=0,
                               timings={"queue_s": 0.0, "compute_s": total, "total_s": total},
-                              trajectory=records if trajectory else None)
+                              trajectory=records if trajectory else None, positions=rec.positions)
 
     def _enter(self, n: int) -> None:
         self.inflight += n
@@ -263,9 +295,16 @@ class TritonEngine:
 
     async def reconstruct(self, token_ids, deadline: float | None = None, positions: list | None = None
                           ) -> list[torch.Tensor]:
-        for ids, pos in zip(token_ids, positions or [None] * len(token_ids)):
-            check_token_ids(ids, self.limits, pos)
+        """In this process (one decoder pass): the local engine checks each sequence (and its positions,
+        for families whose tokens carry them) against the model's limits and decodes them."""
         return await self.local.reconstruct(token_ids, deadline=deadline, positions=positions)
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Equal arrays, or both absent."""
+    if a is None or b is None:
+        return a is b
+    return bool(np.array_equal(a, b))
 
 
 def trace_headers() -> dict[str, str]:

@@ -1,8 +1,22 @@
-"""Triton Python backend for ALIT: a thin adapter over the project's model and engine.
+"""Triton Python backend for every model family (ALIT, KARL, ...): a thin adapter over the project's
+model and engine. The same code serves each model directory of the repository (`karl/1` is a link
+to `alit/1`); nothing here depends on the family, which comes with the weights.
 
 Settings are the service's own (`service.settings.Settings`: the `ALIT_*` variables and their
 defaults, so both sides load the same weights by default); a non-empty `config.pbtxt` parameter
 overrides the setting of the same name.
+
+Which weights a Triton model serves is picked by its Triton name (`args["model_name"]`, its folder):
+1. the `ALIT_MODELS` entry whose id is that name (`ALIT_MODELS=alit=SPEC,karl=SPEC`: the one variable
+   that also configures the FastAPI front, whose model `karl` asks Triton's model `karl`);
+2. else its `model` parameter in config.pbtxt;
+3. else `ALIT_MODEL` (else the service's default, the packaged `service/weights/`).
+So with `ALIT_MODEL` alone every Triton model of the repository serves those same weights (only
+`alit` is asked for by a single-model front).
+
+Responses: TOKEN_IDS and POSITIONS (each id's position, for families whose tokens carry one, KARL;
+empty otherwise) of the probe named by PROBE (its key: ALIT's iteration, KARL's budget * 32 + quality
+bin), with ALL_ITERATIONS one response per probe as it completes, then the answer.
 
 Triton's Python stub ignores PYTHONPATH when it builds sys.path, so the environment's
 site-packages and the project root come from ALIT_PYTHONPATH (set by `alit-serve triton`; in a
@@ -39,19 +53,25 @@ CANCEL_POLL_S = 0.1  # how often a running image asks Triton whether its client 
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
+        self.name = args["model_name"]  # the model's folder in the repository: alit, karl, ...
         if not pb_utils.using_decoupled_model_transaction_policy(cfg):
-            raise pb_utils.TritonModelException("the alit model needs model_transaction_policy { decoupled: true }")
+            raise pb_utils.TritonModelException(f"model {self.name!r} needs model_transaction_policy "
+                                                "{ decoupled: true }")
         try:
             # config.pbtxt parameters override the service's settings of the same name
             settings = settings_with({k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()})
+            spec = weights_for(self.name, settings)
         except ValueError as e:  # pydantic's ValidationError included: a clear load error in Triton's log
-            raise pb_utils.TritonModelException(f"alit: invalid settings: {e}") from None
+            raise pb_utils.TritonModelException(f"{self.name}: invalid settings: {e}") from None
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
-        self.loaded = resolve(settings.model, heads=settings.heads)
+        self.loaded = resolve(spec, heads=settings.heads)
+        self.loaded.model.retry_stricter = settings.retry_stricter  # as the front sets it (conditioned families)
+        print(f"alit: Triton model {self.name!r} serves {self.loaded.source} (family {self.loaded.family.name}, "
+              f"fingerprint {self.loaded.fingerprint[:12]})", file=sys.stderr)
         self.engine = Engine(self.loaded, engine_settings(settings, devices=device),
-                             observer=_observer(args["model_name"], self.loaded.limits, settings.max_batch)).start()
+                             observer=_observer(self.name, self.loaded.limits, settings.max_batch)).start()
         self.default_target = Target(max_l1=settings.default_max_l1)
         self.size = self.loaded.limits.img_size
         self.fingerprint = np.array([[self.loaded.fingerprint.encode()]], dtype=object)
@@ -85,9 +105,21 @@ class TritonPythonModel:
         every = pb_utils.get_input_tensor_by_name(request, "ALL_ITERATIONS")
         job = TokenizeJob(image=pixels_in, target=target, still_wanted=_not_cancelled(sender))
         if every is not None and bool(every.as_numpy().reshape(-1)[0]):
-            job.progress = lambda rec: sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(
-                rec.token_ids, rec.iteration, rec.l1, rec.psnr, False, final=False)))
+            job.progress = self._progress(sender)
         return job
+
+    def _progress(self, sender):
+        """One response per probe as it completes (on the engine's worker thread): its tokens, key and
+        quality; ITERATIONS counts the probes run so far (ALIT: the iteration, as before PROBE existed)."""
+        count = 0
+
+        def send(rec) -> None:
+            nonlocal count
+            count += 1
+            sender.send(pb_utils.InferenceResponse(output_tensors=self._outputs(
+                rec.token_ids, rec.positions, count, rec.iteration, rec.l1, rec.psnr, False, final=False)))
+
+        return send
 
     # ----- responses ------------------------------------------------------------------------------------
     @staticmethod
@@ -104,16 +136,21 @@ class TritonPythonModel:
         if exc is not None:
             return self._error(sender, f"{type(exc).__name__}: {exc}")
         r = future.result()
-        outputs = self._outputs(r.token_ids, r.iterations, r.l1, r.psnr, r.target_met, final=True)
+        outputs = self._outputs(r.token_ids, r.positions, r.iterations, r.selected_iteration, r.l1, r.psnr,
+                                r.target_met, final=True)
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _outputs(self, token_ids, iterations, l1, psnr, target_met, final: bool) -> list:
-        """ITERATIONS: iterations run (final) or the iteration reported (per-iteration responses)."""
+    def _outputs(self, token_ids, positions, iterations, probe, l1, psnr, target_met, final: bool) -> list:
+        """ITERATIONS: probes run (so far, for per-probe responses); PROBE: the key of the probe whose
+        tokens these are; POSITIONS: empty when the family's tokens carry none."""
         nan = float("nan")
+        pos = np.zeros(0, np.int32) if positions is None else positions.astype(np.int32)
         return [
             pb_utils.Tensor("MODEL_FINGERPRINT", self.fingerprint),
             pb_utils.Tensor("TOKEN_IDS", token_ids.astype(np.int32)[None, :]),
+            pb_utils.Tensor("POSITIONS", pos[None, :]),
+            pb_utils.Tensor("PROBE", np.array([[probe]], np.int32)),
             pb_utils.Tensor("NUM_TOKENS", np.array([[token_ids.shape[0]]], np.int32)),
             pb_utils.Tensor("ITERATIONS", np.array([[iterations]], np.int32)),
             pb_utils.Tensor("L1", np.array([[nan if l1 is None else l1]], np.float32)),
@@ -130,8 +167,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 jobs.append(self._job(request, sender))
-            except (ImageError, TargetError, ValueError) as e:
-                self._error(sender, f"invalid request: {e}")
+            except (ImageError, TargetError, ValueError) as e:  # a target this family cannot honour included
+                self._error(sender, f"invalid request to model {self.name!r}: {e}")
                 continue
             senders.append(sender)
         if not jobs:
@@ -148,6 +185,13 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown()
+
+
+def weights_for(name: str, settings) -> str:
+    """The weights spec the Triton model called `name` serves: the `ALIT_MODELS` entry of that id, else
+    `settings.model` (its `model` parameter, else `ALIT_MODEL`, else the service's default). ValueError
+    when `ALIT_MODELS` is malformed."""
+    return dict(settings.model_specs()).get(name) or settings.model
 
 
 def _observer(model: str, limits, max_batch: int):
