@@ -131,7 +131,8 @@ def test_budgets_and_sequences_are_checked():
         assert err.value.field == "max_tokens" and "16 to 512" in err.value.message
     lim.check_sequence(3, np.array([0, 5, 511]))
     lim.check_sequence(3, None)
-    for n in (0, 513):
+    lim.check_sequence(0, np.array([], dtype=np.int64))  # a pass whose every latent halted decodes too
+    for n in (513, 600):
         with pytest.raises(TargetError) as err:
             lim.check_sequence(n, None)
         assert err.value.field == "token_ids"

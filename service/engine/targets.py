@@ -161,8 +161,9 @@ def check_token_ids(ids: Any, limits: Limits, positions: Any = None):
             raise TargetError("positions", "must be a flat list of integers") from None
         if pos.ndim != 1 or (pos.size and pos.dtype.kind not in "iu"):
             raise TargetError("positions", "must be a flat list of integers")
+        pos = pos.astype(np.int64)  # an empty list reads as floats
     limits.check_sequence(int(arr.shape[0]), pos)
-    if arr.min() < 0 or arr.max() >= codebook_size:
+    if arr.size and (arr.min() < 0 or arr.max() >= codebook_size):
         raise TargetError("token_ids",
                           f"ids must be in [0, {codebook_size - 1}], got values in [{arr.min()}, {arr.max()}]")
     return (torch.as_tensor(arr, dtype=torch.long),

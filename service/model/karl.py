@@ -319,8 +319,8 @@ class KARLLimits(Limits):
 
     def check_sequence(self, n: int, positions: np.ndarray | None) -> None:
         rows = self.latent_rows
-        if not 1 <= n <= rows:
-            raise TargetError("token_ids", f"a KARL token sequence holds 1 to {rows} ids, got {n}")
+        if not 0 <= n <= rows:  # 0: every latent of a pass halted, which KARL still decodes
+            raise TargetError("token_ids", f"a KARL token sequence holds 0 to {rows} ids, got {n}")
         if positions is None:
             return
         p = np.asarray(positions)
