@@ -113,13 +113,20 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
     from .bench import main as bench_main
+    from .bench.families import FamiliesError
     from .bench.workload import WorkloadError
     from .model.checkpoint import CheckpointError
+    from .model.config import ConfigError
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device} requested but torch sees no CUDA device", file=sys.stderr)
+        return 2
     try:
         return bench_main(args)
-    except (CheckpointError, WorkloadError) as e:  # a model or an image folder it cannot use
+    except (CheckpointError, ConfigError, WorkloadError, FamiliesError) as e:  # a model, folder or option it cannot use
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -120,3 +120,101 @@ def test_bench_names_a_folder_or_model_it_cannot_use(tmp_path):
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     r = run_cli("bench", "--model", str(tmp_path / "no-model"), "--quick")
     assert r.returncode == 2 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+# ----- any family: KARL through the same benchmark, and families at the same targets ------------------
+
+
+def test_workload_walks_the_ladders_a_family_gives():
+    """KARL's targets are what it accepts (max_l1, max_tokens caps), each walks one probe without
+    retries, and every probe of their ladders is measured; the simulated device declines it."""
+    loaded = resolve("preset:karl_test_tiny")
+    limits = loaded.limits
+    pixels = workload.tensors(workload.corpus(workload.load_folder(DEFAULT_IMAGES), 0)[:4], limits.img_size)
+    m = workload.measure(loaded.model, pixels, [workload.default_walk(limits)], halting=True)
+    targets = workload.calibrate(m, limits)
+    assert targets and all(t.tokens is None and t.min_psnr is None and t.max_l1 is not None for t in targets)
+    assert sorted({t.max_tokens for t in targets if t.max_tokens}) == [128, 256, 512]
+    walks = workload.walks_of(targets, limits)
+    assert all(len(w) == 1 for w in walks)
+    m = m.merged(workload.measure(loaded.model, pixels, m.missing(walks), halting=True, skip=m.keys))
+    assert not m.missing(walks) and m.l1.shape == (len(m.keys), 4)
+    reqs = workload.plan_requests(20, 4, targets, m, limits, seed=0)
+    assert {r.halts_at for r in reqs} == {1}
+    assert simulate.unusable(limits) is not None
+    assert simulate.unusable(resolve("preset:test_tiny").limits) is None
+
+
+def test_bench_runs_a_karl_model(tmp_path):
+    out = tmp_path / "karl.json"
+    r = run_cli("bench", "--model", "preset:karl_test_tiny", "--saturation-requests", "12", "--reference-requests",
+                "3", "--poisson-requests", "8", "--load-fractions", "0.7", "--crops", "2", "--max-batch", "8",
+                "--threads", "1", "--repeats", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    for name in ("reference", "lockstep", "continuous"):
+        s = rep["strategies"][name]
+        assert s["saturation_throughput"] > 0 and s["efficiency"] > 0
+        assert s["saturation"]["mean_iterations"] == 1  # one single pass per image without retries
+    prof = rep["profile"]
+    assert prof["probe_ms_per_image"] and prof["decode_ms_per_image"] > 0 and "iteration_ms_per_image" not in prof
+    assert set(prof["probes"]) == set(prof["probe_ms_per_image"])
+    assert all("max_l1" in t and "tokens" not in t for t in rep["workload"]["targets"])  # what KARL takes
+    # the simulated device models ALIT's iterations: skipped, and said so
+    assert "not successive iterations" in rep["simulated"]["skipped"] and "SIMULATED device skipped" in r.stdout
+
+
+def _bench_args(*argv: str):
+    import argparse
+
+    from service.bench import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_families_at_the_same_targets(tmp_path):
+    from service.bench import families
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(DEFAULT_IMAGES.rglob("*.png"))[:2]:
+        (photos / p.name).write_bytes(p.read_bytes())
+    args = _bench_args("--families", "alit=preset:test_tiny,karl=preset:karl_test_tiny", "--targets", "0.1,0.3",
+                       "--images", str(photos), "--crops", "0", "--max-batch", "8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rep = families.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["model"], r["max_l1"]) for r in rep["rows"]] == [
+        ("alit", 0.1), ("karl", 0.1), ("alit", 0.3), ("karl", 0.3)]
+    for r in rep["rows"]:
+        m = rep["models"][r["model"]]
+        assert r["images"] == 7 and r["img_size"] == m["img_size"] == 64  # 2 photos, 3 flat, 2 noise
+        assert r["wall_ms_per_image"] > 0 and r["compute_ms_mean"] > 0 and r["throughput"] > 0
+        assert 1 <= r["probes_per_image"] <= m["max_probes"] and r["pixel_decodes_per_image"] >= 1
+        assert r["tokens_mean"] > 0 and 0 <= r["target_met_fraction"] <= 1 and r["l1_mean"] > 0
+    karl = [r for r in rep["rows"] if rep["models"][r["model"]]["max_probes"] == 1]
+    assert len(karl) == 2 and all(r["probes_per_image"] == 1 for r in karl)  # one single pass, no retries
+    assert rep["random_weights"] == ["alit", "karl"] and "NOT meaningful tokens" in rep["note"]
+    assert "wall ms/img" in families.table(rep["rows"])
+
+
+def test_families_options_and_cuda_device():
+    from service.bench import engine_settings, families
+
+    args = _bench_args("--families", "a=preset:test_tiny", "--device", "cuda", "--dtype", "bfloat16")
+    s = engine_settings(args)
+    assert (s.devices, s.dtype, s.policy) == ("cuda", "bfloat16", "continuous")  # what the engines get
+    assert families.parse_families("a=preset:x, b=/w") == [("a", "preset:x"), ("b", "/w")]
+    for bad, says in (("karl", "NAME=SPEC"), ("a=x,a=y", "twice"), ("", "no models")):
+        with pytest.raises(families.FamiliesError, match=says):
+            families.parse_families(bad)
+    with pytest.raises(families.FamiliesError, match="max_l1 levels"):
+        families.parse_targets("0.1,2")
+    if not torch.cuda.is_available():  # accepted, then refused cleanly where there is no GPU
+        r = run_cli("bench", "--families", "a=preset:test_tiny", "--device", "cuda")
+        assert r.returncode == 2 and "no CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

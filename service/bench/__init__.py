@@ -1,10 +1,14 @@
-"""`alit-serve bench`: the engine benchmark on your own images.
+"""`alit-serve bench`: the engine benchmark on your own images, for a model of any family.
 
 Builds a workload from a folder (the images, crops at several scales, flat and noise images; targets
 calibrated on the model), measures the model's per-stage costs at a full batch, then runs each
 strategy on the real in-process engine — `continuous` (this engine), `lockstep` (a request-level
-batcher), `reference` (one image at a time, every iteration decoded) — at saturation and under
-Poisson load, and finally the same strategies on a SIMULATED GPU-like device (see simulate.py).
+batcher), `reference` (one image at a time, every probe decoded) — at saturation and under
+Poisson load, and finally the same strategies on a SIMULATED GPU-like device (see simulate.py) when
+its cost model fits the model's probes (successive iterations: ALIT; skipped, and said so, otherwise).
+
+`--families NAME=SPEC,...` runs the comparison of families at the same targets instead (families.py).
+The model is used only through the family interface (model/family.py): probes, ladders, limits.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
+
+from . import families as families_mod
 
 STRATEGIES = ("reference", "lockstep", "continuous")
 DRIFT_WARNING = 0.10  # a change of the profile's per-image cost over a run worth a warning
@@ -34,41 +41,48 @@ def _progress(msg: str, t0: float) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..engine import EngineSettings
     from ..model.precision import precision
     from ..model.registry import resolve
     from . import live, profile, simulate, workload
 
     t0 = time.perf_counter()
     loaded = resolve(args.model)
-    cfg = loaded.config
     model = loaded.model.to(args.device).eval()
+    model.retry_stricter = args.retry_stricter
     limits = loaded.limits
+    img_size = limits.img_size
+    halting = not args.no_halting
     images = workload.corpus(workload.load_folder(args.images), args.crops)
-    pixels = workload.tensors(images, cfg.img_size)
-    _progress(f"model {args.model} ({cfg.img_size} px) on {args.device}, {torch.get_num_threads()} threads; "
-              f"{len(images)} corpus images from {args.images}; measuring every iteration", t0)
+    pixels = workload.tensors(images, img_size)
+    walk = workload.default_walk(limits)
+    _progress(f"model {args.model} ({loaded.family.name} family, {img_size} px) on {args.device}, "
+              f"{torch.get_num_threads()} threads; {len(images)} corpus images from {args.images}; measuring "
+              + ("every iteration" if walk == list(range(1, len(walk) + 1))
+                 else f"probes {_named(limits, walk)}"), t0)
     with precision(args.device, args.dtype):
-        l1, psnr = workload.measure_iterations(model, pixels, halting=not args.no_halting, batch=args.max_batch)
-        targets = workload.calibrate_targets(l1, psnr, limits)
+        measured = workload.measure(model, pixels, [walk], halting, batch=args.max_batch)
+        targets = workload.calibrate(measured, limits)
+        walks = workload.walks_of(targets, limits)  # the ladders the requests walk: measure what is missing
+        more = measured.missing(walks)
+        if more:
+            keys = sorted({k for w in more for k in w} - set(measured.keys))
+            _progress(f"measuring the probes of the targets' ladders: {_named(limits, keys)}", t0)
+            measured = measured.merged(workload.measure(model, pixels, more, halting, batch=args.max_batch,
+                                                        skip=measured.keys))
         batch = pixels[torch.arange(args.max_batch) % len(pixels)]
         if args.compile:  # profile (so the efficiency's ideal) the model the engines run, warmed as they are
             from ..model.compile import compile_model, warm_batch_sizes
 
-            model = compile_model(copy.deepcopy(model))
+            model = cast(Any, compile_model(copy.deepcopy(model)))  # typed for ALIT; any family's blocks compile
             for n in warm_batch_sizes(args.max_batch):
-                profile.profile_stages(model, batch[:n], halting=not args.no_halting, repeats=1)
-        prof = profile.profile_stages(model, batch, halting=not args.no_halting)
-        one = profile.profile_stages(model, pixels[:1], halting=not args.no_halting)
-        flops = profile.flops_per_image(model, batch, halting=not args.no_halting) if args.flops else None
-    iters_ms = " ".join(f"{s * 1e3:.2f}" for s in prof.iteration_s)
-    _progress(f"per-image cost at batch {prof.batch}: prepare {prof.prepare_s * 1e3:.2f} ms, iterations {iters_ms} ms, "
-              f"pixel decode {prof.pixel_decode_s * 1e3:.2f} ms", t0)
-    settings = EngineSettings(devices=args.device, max_batch=args.max_batch, max_queue=1_000_000,
-                              batch_mode=args.batch_mode, halting=not args.no_halting, dtype=args.dtype,
-                              lockstep_max_delay=args.max_delay, admission=args.admission, compile=args.compile)
+                profile.profile_stages(model, batch[:n], walks, halting, repeats=1)
+        prof = profile.profile_stages(model, batch, walks, halting)
+        one = profile.profile_stages(model, pixels[:1], walks, halting)
+        flops = profile.flops_per_image(model, batch, walks, halting) if args.flops else None
+    _progress(f"per-image cost at batch {prof.batch}: {prof.describe()}", t0)
+    settings = engine_settings(args)
     report: dict = {
-        "model": {"spec": args.model, "fingerprint": loaded.fingerprint[:16], "img_size": cfg.img_size},
+        "model": {"spec": args.model, "fingerprint": loaded.fingerprint[:16], "img_size": img_size},
         "machine": {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine(),
                     "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
@@ -81,14 +95,13 @@ def run(args: argparse.Namespace) -> dict:
         "latency_one_image": one.to_dict(),
         "strategies": {},
     }
-    iters_ms = " ".join(f"{s * 1e3:.2f}" for s in one.iteration_s)
-    _progress(f"one image alone: prepare {one.prepare_s * 1e3:.2f} ms, iterations {iters_ms} ms, "
-              f"pixel decode {one.pixel_decode_s * 1e3:.2f} ms", t0)
+    if args.retry_stricter:
+        report["settings"]["retry_stricter"] = True
+    _progress(f"one image alone: {one.describe()}", t0)
     if flops is not None:
         dtype = torch.float32 if args.dtype == "float32" else getattr(torch, args.dtype)
         peak = profile.matmul_peak(args.device, dtype, n=8192 if args.device.startswith("cuda") else 1024)
-        achieved = (flops["prepare"] + sum(flops["iteration"]) + flops["pixel_decode"]) / (
-            prof.prepare_s + sum(prof.iteration_s) + prof.pixel_decode_s)
+        achieved = profile.flops_per_pass(flops) / prof.pass_s
         report["flops"] = {"per_image": flops, "matmul_peak_flops": peak,
                            "achieved_flops_at_full_batch": achieved, "model_flop_utilisation": achieved / peak,
                            "note": "every stage at a full batch (the profile) vs one large matmul in the same "
@@ -97,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
                   f"{peak / 1e12:.1f} TFLOP/s matmul peak = {achieved / peak:.1%}", t0)
     strategies = [s for s in STRATEGIES if s in args.strategies]
     n_sat = args.saturation_requests
-    sat = workload.requests(n_sat, len(images), targets, l1, psnr, limits, seed=1)
+    sat = workload.plan_requests(n_sat, len(images), targets, measured, limits, seed=1)
     sat_runs: dict[str, list[dict]] = {name: [] for name in strategies}
     for rep in range(args.repeats):  # strategies interleaved in every round: a slow spell hits them alike
         for name in strategies:
@@ -105,11 +118,11 @@ def run(args: argparse.Namespace) -> dict:
             _progress(f"saturation{_round(rep, args.repeats)}: {name}, {n} requests queued at once", t0)
             work = [(pixels[r.image], r.target) for r in sat[:n]]
             res = live.run_strategy(loaded, name, settings, work, [0.0] * n)
-            res["ideal_throughput"] = n / prof.ideal_seconds(res["iterations"], res["pixel_decodes"])
+            res["ideal_throughput"] = n / prof.ideal_seconds(res["walks"], res["pixel_decodes"])
             res["efficiency"] = res["throughput"] / res["ideal_throughput"]
             sat_runs[name].append(res)
             _progress(f"  {name}: {res['throughput']:.2f} img/s (efficiency {res['efficiency']:.0%}), "
-                      f"p50 {res['p50_s']:.3f} s, {res['mean_iterations']:.2f} iterations and "
+                      f"p50 {res['p50_s']:.3f} s, {res['mean_iterations']:.2f} probes and "
                       f"{res['pixel_decodes_per_image']:.2f} decodes per image", t0)
     for name, runs in sat_runs.items():
         report["strategies"][name] = {
@@ -121,8 +134,8 @@ def run(args: argparse.Namespace) -> dict:
         lock_sat = report["strategies"]["lockstep"]["saturation_throughput"]
 
         def work_for(n: int) -> list:
-            return [(pixels[r.image], r.target) for r in workload.requests(n, len(images), targets, l1, psnr,
-                                                                             limits, seed=2)]
+            return [(pixels[r.image], r.target) for r in workload.plan_requests(n, len(images), targets, measured,
+                                                                                  limits, seed=2)]
 
         for frac in args.load_fractions:
             label = f"Poisson {frac:.0%} of lock-step ({frac * lock_sat:.2f}/s)"
@@ -135,12 +148,12 @@ def run(args: argparse.Namespace) -> dict:
                     s["p50_at_70pct_lockstep_load"] = res["p50_s"]
                     s["p99_at_70pct_lockstep_load"] = res["p99_s"]
     for s in report["strategies"].values():
-        for k in ("iterations", "pixel_decodes"):
+        for k in ("iterations", "pixel_decodes", "walks"):
             s["saturation"].pop(k, None)
     report["ratios"] = ratios(report["strategies"])
     if strategies:  # a shared machine's speed can change under a run: say so, from the same profile again
         with precision(args.device, args.dtype):
-            after = profile.profile_stages(model, batch, halting=not args.no_halting)
+            after = profile.profile_stages(model, batch, walks, halting)
         drift = after.pass_s / prof.pass_s - 1
         report["profile_after"] = after.to_dict()
         report["machine"]["speed_drift"] = drift
@@ -148,10 +161,17 @@ def run(args: argparse.Namespace) -> dict:
             f" -- the machine's speed changed by more than {DRIFT_WARNING:.0%} during this run (other load?): "
             "efficiencies are off by as much; compare strategies within one run, and repeat the run"
             if abs(drift) > DRIFT_WARNING else ""), t0)
-    if args.simulate:
+    why_not = simulate.unusable(limits) if prof.successive else (
+        "the profile's probes are not successive iterations of one walk: "
+        + profile.probe_names(list(prof.probe_s), prof.meaning))
+    if args.simulate and why_not is not None:
+        report["simulated"] = {"skipped": "the simulated device models a walk of equal-cost iterations (ALIT's "
+                                          f"cost curve, calibrated to an H100); not this model: {why_not}"}
+        _progress(f"SIMULATED device skipped: {report['simulated']['skipped']}", t0)
+    elif args.simulate:
         _progress("SIMULATED device (virtual clock, cost curve calibrated to an H100): saturation batches "
                   + ", ".join(map(str, args.sim_saturation)), t0)
-        reqs = workload.requests(4000, len(images), targets, l1, psnr, limits, seed=4)
+        reqs = workload.plan_requests(4000, len(images), targets, measured, limits, seed=4)
         report["simulated"] = {
             "note": "SIMULATED, not measured: the real scheduler on a stand-in device with a virtual clock; "
                     "see service/bench/simulate.py for the cost curve",
@@ -162,6 +182,15 @@ def run(args: argparse.Namespace) -> dict:
                 f"{n} {r[n]['saturation_throughput']:.0f} img/s" for n in STRATEGIES if n in r), t0)
     _progress("done", t0)
     return report
+
+
+def engine_settings(args: argparse.Namespace, policy: str = "continuous"):
+    """The engine's settings from the command line (`--device` goes to `devices`)."""
+    from ..engine import EngineSettings
+
+    return EngineSettings(devices=args.device, max_batch=args.max_batch, max_queue=1_000_000, policy=policy,
+                          batch_mode=args.batch_mode, halting=not args.no_halting, dtype=args.dtype,
+                          lockstep_max_delay=args.max_delay, admission=args.admission, compile=args.compile)
 
 
 def _poisson_runs(args, loaded, settings, saturated: dict, rate: float, work_for, label: str,
@@ -180,7 +209,7 @@ def _poisson_runs(args, loaded, settings, saturated: dict, rate: float, work_for
                 n = max(20, int(n * sat_tp / rate / 2))
             _progress(f"{label}{_round(rep, args.repeats)}: {name}, {n} requests", t0)
             res = live.run_strategy(loaded, name, settings, work_for(n), workload.poisson(rate, n, seed=3))
-            for k in ("iterations", "pixel_decodes"):
+            for k in ("iterations", "pixel_decodes", "walks"):
                 res.pop(k)
             res.update({"offered_rate": rate, "overloaded": rate >= sat_tp})
             got[name].append(res)
@@ -189,6 +218,13 @@ def _poisson_runs(args, loaded, settings, saturated: dict, rate: float, work_for
     keys = ("throughput", "p50_s", "p99_s")  # medians per figure, as the docs' tables
     return {name: {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys},
                    "runs": [{k: r[k] for k in keys} for r in runs]} for name, runs in got.items()}
+
+
+def _named(limits, keys: list[int]) -> str:
+    """Probe keys with what each means, the first few of them."""
+    from .profile import probe_names
+
+    return probe_names(keys, {k: limits.describe(k) for k in keys})
 
 
 def _round(rep: int, repeats: int) -> str:
@@ -230,7 +266,7 @@ def plot(report: dict, path: str) -> None:
     ax.set_xlabel("offered load (images/s, Poisson)")
     ax.set_ylabel("latency (s)")
     ax.set_yscale("log")
-    ax.set_title(f"ALIT engine strategies — {report['model']['spec']} on {report['machine']['device']}")
+    ax.set_title(f"Engine strategies — {report['model']['spec']} on {report['machine']['device']}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -268,12 +304,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every run this many times, the strategies interleaved in each round, and "
                         "report medians (the runs are kept in the JSON)")
+    p.add_argument("--retry-stricter", action="store_true",
+                   help="conditioned families (KARL): a missed target runs again at the next stricter "
+                        "conditioning (the model's retry_stricter)")
     p.add_argument("--quick", action="store_true", help="small runs (a few minutes on 2 CPU cores)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="write a latency-vs-load PNG here")
+    g = p.add_argument_group("families at the same targets (instead of the strategies benchmark)")
+    g.add_argument("--families", metavar="NAME=SPEC,...",
+                   help="compare these models (any family; e.g. alit=preset:alit_small,karl=preset:karl_small): "
+                        "the same images at each model's size, every image through the engine (continuous "
+                        "batching, all queued at once) at each --targets level; uses --images, --crops, "
+                        "--device, --dtype, --max-batch, --batch-mode, --repeats, --retry-stricter, --json")
+    g.add_argument("--targets", default=",".join(map(str, families_mod.DEFAULT_TARGETS)),
+                   help="comma-separated max_l1 targets for --families (default %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1 (got {args.repeats})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.families:
+        return families_mod.main(args)
     defaults = QUICK if args.quick else FULL
     for k, v in defaults.items():  # what the command line did not set
         if getattr(args, k) is None:
@@ -282,10 +335,6 @@ def main(args: argparse.Namespace) -> int:
     unknown = set(args.strategies) - set(STRATEGIES)
     if unknown:
         raise SystemExit(f"unknown strategies {sorted(unknown)} (known: {', '.join(STRATEGIES)})")
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be at least 1 (got {args.repeats})")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     report = run(args)
     print(json.dumps(report["ratios"], indent=2))
     if args.json:
@@ -296,4 +345,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_IMAGES", "add_arguments", "main", "run"]
+__all__ = ["DEFAULT_IMAGES", "add_arguments", "engine_settings", "main", "run"]

@@ -10,15 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import Engine, EngineSettings, Target
+from ..engine import Engine, EngineSettings, Target, TokenizeResult
 
 
 async def drive(engine: Engine, work: list[tuple[torch.Tensor, Target]], arrivals: list[float],
-                per_request: bool = False) -> dict:
+                per_request: bool = False, answers: list[tuple[Target, TokenizeResult]] | None = None) -> dict:
+    """Every (image, target) of `work` submitted at its arrival time (s after the start); the
+    throughput, latency percentiles, probes and pixel decodes. `per_request` adds each request's
+    probes run (`iterations`), pixel decodes, and the probe keys it walked (`walks`); `answers`, when
+    given, receives every (target, result) in the order they came back."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     latencies: list[float] = []
-    results = []
+    results: list[TokenizeResult] = []
+    targets: list[Target] = []
 
     async def one(img, target, at):
         await asyncio.sleep(max(0.0, t0 + at - loop.time()))
@@ -26,6 +31,7 @@ async def drive(engine: Engine, work: list[tuple[torch.Tensor, Target]], arrival
         r = await engine.tokenize(img, target)
         latencies.append(loop.time() - start)
         results.append(r)
+        targets.append(target)
 
     decodes0 = engine.pixel_decodes
     await asyncio.gather(*(one(i, t, a) for (i, t), a in zip(work, arrivals)))
@@ -43,7 +49,10 @@ async def drive(engine: Engine, work: list[tuple[torch.Tensor, Target]], arrival
         "target_met_rate": float(np.mean([r.target_met for r in results])),
     }
     if per_request:
-        out.update(iterations=[r.iterations for r in results], pixel_decodes=[r.pixel_decodes for r in results])
+        out.update(iterations=[r.iterations for r in results], pixel_decodes=[r.pixel_decodes for r in results],
+                   walks=[t.ladder(engine.limits)[:r.iterations] for t, r in zip(targets, results)])
+    if answers is not None:
+        answers.extend(zip(targets, results))
     return out
 
 

@@ -7,7 +7,11 @@ Cost curve (in the spirit of LLM-serving simulators such as Vidur): a call over 
 to ALIT on an H100 in float32 (KARL paper, appendix A.9): one image's first pass (VQGAN encode +
 first iteration) about 7 ms, each further iteration about 4 ms; so `prepare` (VQGAN encode) costs
 3 ms and an iteration (encoder + decoder + the quality check) 4 ms at or below saturation.
-Each request halts where the real model halts on its image and target (`workload.halting_plan`).
+Each request halts where the real model halts on its image and target (`workload.plan`).
+
+The cost model is a walk of equal-cost iterations, each extending the one before (ALIT's): it
+applies to a family whose probes are the successive iterations 1..n of one walk and whose
+`max_tokens` caps that walk (`unusable` says why not otherwise; the benchmark then skips it).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ..engine.jobs import Job, TokenizeJob
 from ..engine.observer import EngineObserver
 from ..engine.policies import make_policy
 from ..engine.scheduler import Scheduler
-from ..model.alit import ALITLimits, ImageState, StepOutput
+from ..model.family import Limits, StepOutput, TargetError
 from .workload import Request, poisson
 
 
@@ -40,6 +44,37 @@ class SimCosts:
         return base * max(1.0, n / self.saturation)
 
 
+@dataclass
+class SimState:
+    """A stand-in image's state: what the scheduler reads of one (`family.ImageStateLike`)."""
+
+    image: torch.Tensor
+    iteration: int = 0
+
+
+def tokens_per_probe(limits: Limits) -> int:
+    return limits.max_tokens // limits.max_probes
+
+
+def unusable(limits: Limits) -> str | None:
+    """Why the simulated device cannot stand in for this model (None: it can). It needs probes that
+    are the successive iterations 1..n of one walk, the walk capped by `max_tokens` (the stand-in's
+    targets) and quality targets on L1."""
+    if not {"max_l1", "max_tokens"} <= set(limits.accepts):
+        return f"its targets need max_l1 and max_tokens; this model accepts {', '.join(limits.accepts)}"
+    t = tokens_per_probe(limits)
+    for n in range(1, limits.max_probes + 1):
+        try:
+            limits.check_budget("max_tokens", n * t)
+            ladder = limits.ladder(0.5, None, None, n * t)
+        except TargetError as e:
+            return f"a cap of {n * t} tokens is no budget this model takes ({e.message})"
+        if ladder != list(range(1, n + 1)):
+            return (f"its probes are not successive iterations of one walk (max_l1 0.5 capped at {n * t} tokens "
+                    f"walks probes {ladder}, not 1..{n})")
+    return None
+
+
 class VirtualClock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -50,7 +85,7 @@ class SimulatedDevice:
 
     device = "simulated"
 
-    def __init__(self, costs: SimCosts, clock: VirtualClock, limits: ALITLimits):
+    def __init__(self, costs: SimCosts, clock: VirtualClock, limits: Limits):
         self.costs, self.clock, self.limits = costs, clock, limits
         self.halts_at: dict[int, int | None] = {}  # id(job) -> iteration whose check passes (None: never)
 
@@ -59,17 +94,17 @@ class SimulatedDevice:
 
     def prepare(self, jobs: list[TokenizeJob]) -> list:
         self.clock.now += self.costs.call(self.costs.prepare_s, len(jobs))
-        return [ImageState(image=torch.zeros(0), gt_indices=torch.zeros(0), seed=0, x=torch.zeros(0)) for _ in jobs]
+        return [SimState(image=torch.zeros(0)) for _ in jobs]
 
-    def advance(self, jobs: list[TokenizeJob], halting: bool) -> list:
+    def advance(self, jobs: list[TokenizeJob], probes: list[int], halting: bool) -> list:
         self.clock.now += self.costs.call(self.costs.iteration_s, len(jobs))
         outs = []
-        for j in jobs:
+        t = tokens_per_probe(self.limits)
+        for j, p in zip(jobs, probes):
             s = j.state
             assert s is not None  # admitted by prepare()
             s.iteration += 1
-            s.x = None if s.iteration >= self.limits.max_iters else s.x
-            outs.append(StepOutput(token_ids=torch.zeros(self.limits.tokens_per_iter * s.iteration, dtype=torch.long),
+            outs.append(StepOutput(token_ids=torch.zeros(t * s.iteration, dtype=torch.long), probe=p,
                                    logits=torch.zeros(0)))
         return outs
 
@@ -86,18 +121,18 @@ class SimulatedDevice:
         return out
 
 
-def sim_target(req: Request, limits: ALITLimits) -> Target:
+def sim_target(req: Request, limits: Limits) -> Target:
     """A target that makes the stand-in halt where the real model does for this request."""
     if req.target.tokens is not None:
         return req.target
-    return Target(max_l1=0.5, max_tokens=len(req.target.ladder(limits)) * limits.tokens_per_iter)
+    return Target(max_l1=0.5, max_tokens=len(req.target.ladder(limits)) * tokens_per_probe(limits))
 
 
 def _latency(latencies: list[float], clock: VirtualClock, arrived: float, _future) -> None:
     latencies.append(clock.now - arrived)
 
 
-def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limits: ALITLimits,
+def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limits: Limits,
              costs: SimCosts, max_batch: int, lockstep_max_delay: float = 0.010) -> dict:
     clock = VirtualClock()
     device = SimulatedDevice(costs, clock, limits)
@@ -149,7 +184,7 @@ def sim_cost_curve(costs: SimCosts, max_batch: int) -> CostCurve:
     return CostCurve({n: costs.call(costs.iteration_s, n) for n in sizes_up_to(max_batch)})
 
 
-def compare(reqs: list[Request], limits: ALITLimits, saturation: int, n_poisson: int = 2000,
+def compare(reqs: list[Request], limits: Limits, saturation: int, n_poisson: int = 2000,
             load: float = 0.7, strategies=("reference", "lockstep", "continuous")) -> dict:
     """Saturation throughput per strategy, then p50/p99 at `load` x lock-step's saturation."""
     costs = SimCosts(saturation=saturation)
