@@ -139,7 +139,7 @@ class Scheduler:
             self.ready.append(j)
 
     def _iterate(self, jobs: list[TokenizeJob], reconstruct: list[ReconstructJob]) -> None:
-        probes = [j.target.next_probe(j.records, self.limits) for j in jobs]
+        probes = [j.target.next_probe(j.records, self.limits) for j in jobs]  # None never: a walked ladder retired
         stepped: list[tuple[TokenizeJob, StepOutput]] = (
             self._ok(jobs, self.runner.advance(jobs, probes, self.halting)) if jobs else [])  # type: ignore[arg-type]
         outs = {id(j): o for j, o in stepped}
