@@ -83,15 +83,21 @@ def test_alit_and_karl_in_one_server(start_server, shared_redis_url, cache_prefi
     finally:
         alit_engine.shutdown()
 
-    # /v1/reconstruct of what /v1/tokenize returned: the fixture's reconstruction of that pass
+    # /v1/reconstruct of what /v1/tokenize returned: the fixture's reconstruction, for every pass it
+    # stores (quality 0 is bin 0, which max_l1 0.004 selects too)
+    for name, fields in (("T256_q050_recon", {"max_l1": 0.05}), ("T016_q500_recon", {"max_l1": 0.5, "max_tokens": 16}),
+                         ("T512_q000_recon", {"max_l1": 0.004, "max_tokens": 512})):
+        for b, data in enumerate(images(exp)):
+            res = tokenize(srv.url, data, model="karl", **fields).json()["results"][0]
+            png = httpx.post(srv.url + "/v1/reconstruct", headers={"Accept": "image/png"}, timeout=60,
+                             json={"model": "karl", "token_ids": res["token_ids"], "positions": res["positions"]})
+            assert png.status_code == 200, png.text
+            got = np.asarray(Image.open(io.BytesIO(png.content)), dtype=np.float64) / 255
+            want = np.clip(exp[name][b].transpose(1, 2, 0), 0, 1)
+            assert np.abs(got - want).max() <= 1 / 255 + 1e-4, (name, b)
     data = images(exp)[0]
     res = tokenize(srv.url, data, model="karl", max_l1=0.05).json()["results"][0]
-    png = httpx.post(srv.url + "/v1/reconstruct", headers={"Accept": "image/png"}, timeout=60,
-                     json={"model": "karl", "token_ids": res["token_ids"], "positions": res["positions"]})
-    assert png.status_code == 200, png.text
-    got = np.asarray(Image.open(io.BytesIO(png.content)), dtype=np.float64) / 255
     want = np.clip(exp["T256_q050_recon"][0].transpose(1, 2, 0), 0, 1)
-    assert np.abs(got - want).max() <= 1 / 255 + 1e-4
     # without the positions it is another image (KARL halts tokens anywhere, not a suffix)
     plain = httpx.post(srv.url + "/v1/reconstruct", headers={"Accept": "image/png"}, timeout=60,
                        json={"model": "karl", "token_ids": res["token_ids"]})
