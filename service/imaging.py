@@ -149,13 +149,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def resize_shorter_side(img: Image.Image, size: int, resample: str = "bicubic") -> Image.Image:
+    """The shorter side to `size` (PIL's filter, which always antialiases: what torchvision's Resize
+    does on a PIL image); `resample` is the model family's (`Limits.resample`)."""
     w, h = img.size
     if w <= h:
         new = (size, int(size * h / w))
     else:
         new = (int(size * w / h), size)
-    return img if new == (w, h) else img.resize(new, Image.Resampling.BICUBIC)
+    return img if new == (w, h) else img.resize(new, RESAMPLE[resample])
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -173,19 +178,21 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return hwc.permute(2, 0, 1).contiguous().float().div_(255.0)  # contiguous: hashing it later is 3x faster
 
 
-def fit_to_model(img: Image.Image, size: int) -> Image.Image:
-    """Any PIL image -> RGB, shorter side resized to `size` (bicubic), centre-cropped to size x size."""
-    return center_crop(resize_shorter_side(img.convert("RGB"), size), size)
+def fit_to_model(img: Image.Image, size: int, resample: str = "bicubic") -> Image.Image:
+    """Any PIL image -> RGB, shorter side resized to `size` (bicubic unless the family's reference
+    uses another filter), centre-cropped to size x size."""
+    return center_crop(resize_shorter_side(img.convert("RGB"), size, resample), size)
 
 
-def preprocess(img: Image.Image, size: int) -> torch.Tensor:
+def preprocess(img: Image.Image, size: int, resample: str = "bicubic") -> torch.Tensor:
     """A PIL image -> the model's (3, size, size) input in [0, 1], as the reference prepares it."""
-    return to_tensor(fit_to_model(img, size))
+    return to_tensor(fit_to_model(img, size, resample))
 
 
-def load_for_model(data: bytes, size: int, limits: ImageLimits = ImageLimits()) -> torch.Tensor:
+def load_for_model(data: bytes, size: int, limits: ImageLimits = ImageLimits(), resample: str = "bicubic"
+                   ) -> torch.Tensor:
     """Untrusted encoded bytes -> the model's input (or ImageError): what the API and Triton run."""
-    return preprocess(decode_image(data, limits), size)
+    return preprocess(decode_image(data, limits), size, resample)
 
 
 def to_png(pixels: torch.Tensor) -> bytes:

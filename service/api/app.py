@@ -169,7 +169,7 @@ def build_state(settings: Settings) -> ServiceState:
         pipeline = TokenizePipeline(engine, cache, lm.limits.variant(settings.halting), observer=metrics,
                                     lease_ttl_s=settings.cache_lease_s)
         intake = Intake(image_limits, lm.limits.img_size, settings.decode_scale, budget, keyer=pipeline.key,
-                        memo_entries=settings.input_memo_entries)
+                        memo_entries=settings.input_memo_entries, resample=lm.limits.resample)
         models[mid] = ServedModel(mid, lm, engine, pipeline, intake)
     return ServiceState(settings, models, cache, Target(max_l1=settings.default_max_l1), metrics)
 

@@ -90,8 +90,10 @@ def release_heap() -> None:
 
 class Intake:
     def __init__(self, limits: ImageLimits, img_size: int, decode_scale: float, budget: DecodeBudget,
-                 keyer: Callable[[torch.Tensor], str] | None = None, memo_entries: int = 4096):
+                 keyer: Callable[[torch.Tensor], str] | None = None, memo_entries: int = 4096,
+                 resample: str = "bicubic"):
         self.limits = limits
+        self.resample = resample  # the model family's resize filter
         self.keyer = keyer  # the cache key of a model input, computed with the decode (off the event loop)
         self.img_size = img_size
         self.min_side = None if decode_scale <= 0 else max(img_size, round(decode_scale * img_size))
@@ -120,7 +122,7 @@ class Intake:
                 await self.budget.release(cost)
 
     def _decode(self, img) -> tuple[torch.Tensor, str | None]:
-        pixels = preprocess(load_image(img, self.min_side), self.img_size)
+        pixels = preprocess(load_image(img, self.min_side), self.img_size, self.resample)
         return pixels, (self.keyer(pixels) if self.keyer is not None else None)
 
     async def _digest(self, data: bytes) -> bytes:

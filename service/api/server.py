@@ -52,11 +52,11 @@ def model_problem(spec: str, what: str | None = None) -> str:
     if spec.startswith("preset:"):
         return ""
     path = Path(spec)
-    if path.is_file() or (path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.pth")))):
+    if path.is_file() or (path.is_dir() and any(any(path.glob(p)) for p in ("*.safetensors", "*.pth", "*.bin"))):
         return ""
     default = "the packaged default model (ALIT_MODEL unset)" if path == SHIPPED_WEIGHTS else f"ALIT_MODEL={spec}"
     what = what or default
-    found = "a folder without a .safetensors or .pth file" if path.is_dir() else "no such file or folder"
+    found = "a folder without a .safetensors, .pth or .bin file" if path.is_dir() else "no such file or folder"
     return (f"model weights not found: {what}; tried {path.resolve()}: {found}. Set ALIT_MODEL to a weights "
             "file or folder (or ALIT_MODELS=ID=PATH,...), or ALIT_MODEL=preset:NAME for random weights")
 

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
     img_size = limits.img_size
     halting = not args.no_halting
     images = workload.corpus(workload.load_folder(args.images), args.crops)
-    pixels = workload.tensors(images, img_size)
+    pixels = workload.tensors(images, img_size, limits.resample)
     walk = workload.default_walk(limits)
     _progress(f"model {args.model} ({loaded.family.name} family, {img_size} px) on {args.device}, "
               f"{torch.get_num_threads()} threads; {len(images)} corpus images from {args.images}; measuring "

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
                 raise FamiliesError(f"--families: {name} ({spec}) takes no max_l1 target (it accepts "
                                     f"{', '.join(limits.accepts)})")
             targets = [parse_target({"max_l1": x}, limits, Target()) for x in levels]
-            pixels = list(workload.tensors(photos, limits.img_size))
+            pixels = list(workload.tensors(photos, limits.img_size, limits.resample))
             info[name] = {"spec": spec, "family": loaded.family.name, "fingerprint": loaded.fingerprint[:16],
                           "img_size": limits.img_size, "random_weights": spec.startswith("preset:"),
                           "max_probes": limits.max_probes, "limits": limits.info(),

@@ -275,5 +275,5 @@ def poisson(rate: float, n: int, seed: int) -> list[float]:
     return list(np.cumsum(rng.exponential(1.0 / rate, size=n)))
 
 
-def tensors(images: list[tuple[str, Image.Image]], size: int) -> torch.Tensor:
-    return torch.stack([preprocess(img, size) for _, img in images])
+def tensors(images: list[tuple[str, Image.Image]], size: int, resample: str = "bicubic") -> torch.Tensor:
+    return torch.stack([preprocess(img, size, resample) for _, img in images])

@@ -1,7 +1,8 @@
 """Loading and converting the weights of every family (ALIT, KARL, ...: model/registry.py).
 
 Accepted inputs:
-* a published `.pth` (`torch.save` of a dict with `ema` and/or `model`, or a bare state dict),
+* a published `.pth` or `.bin` (`torch.save` of a dict with `ema` and/or `model`, or a bare state dict:
+  One-D-Piece's `pytorch_model.bin`),
   read with `torch.load(weights_only=True)` only: a pickle that would run code is refused;
 * a `.safetensors` file with our `config.json` beside it (what `alit-serve convert` writes);
 * a directory holding either.
@@ -70,7 +71,7 @@ class LoadedModel:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a `.pth` or `.safetensors` file, training-only entries dropped."""
+    """Tensors of a `.pth` / `.bin` or `.safetensors` file, training-only entries dropped."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -166,13 +167,13 @@ def fingerprint(model: torch.nn.Module, cfg: Any) -> str:
 def _locate(path: Path) -> tuple[Path, Path | None]:
     """(weights file, config.json or None) for a file or a directory."""
     if path.is_dir():
-        for name in ("model.safetensors", "checkpoint.pth"):
+        for name in ("model.safetensors", "checkpoint.pth", "pytorch_model.bin"):
             if (path / name).is_file():
                 cfg = path / "config.json"
                 return path / name, cfg if cfg.is_file() else None
-        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth"))
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.bin"))
         if not weights:
-            raise CheckpointError(f"no .safetensors or .pth file in {path}")
+            raise CheckpointError(f"no .safetensors, .pth or .bin file in {path}")
         path = weights[0]
     cfg = path.with_name("config.json")
     return path, cfg if cfg.is_file() else None

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from . import alit, karl
+from . import alit, karl, titok
 from .family import Family
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     alit.FAMILY,
     karl.FAMILY,
+    titok.FAMILY,
 )}
 LEGACY_FAMILY = "alit"  # config.json files written before families existed name none
 

@@ -74,6 +74,7 @@ class TritonPythonModel:
                              observer=_observer(self.name, self.loaded.limits, settings.max_batch)).start()
         self.default_target = Target(max_l1=settings.default_max_l1)
         self.size = self.loaded.limits.img_size
+        self.resample = self.loaded.limits.resample  # the family's resize filter
         self.fingerprint = np.array([[self.loaded.fingerprint.encode()]], dtype=object)
 
     # ----- request -> job ----------------------------------------------------------------------------
@@ -86,14 +87,15 @@ class TritonPythonModel:
             arr = image.as_numpy()
             if arr.shape[0] != 1:
                 raise ValueError(f"one image per request (batch dimension 1), got {arr.shape[0]}")
-            pixels_in = load_for_model(bytes(arr.reshape(-1)[0]), self.size)
+            pixels_in = load_for_model(bytes(arr.reshape(-1)[0]), self.size, resample=self.resample)
         else:
             arr = pixels.as_numpy()
             if arr.shape[0] != 1:
                 raise ValueError(f"one image per request (batch dimension 1), got {arr.shape[0]}")
             from PIL import Image
 
-            pixels_in = preprocess(Image.fromarray(np.ascontiguousarray(arr[0]), mode="RGB"), self.size)
+            pixels_in = preprocess(Image.fromarray(np.ascontiguousarray(arr[0]), mode="RGB"), self.size,
+                                   self.resample)
         spec = {}
         for name, field in TARGET_INPUTS.items():
             t = pb_utils.get_input_tensor_by_name(request, name)
