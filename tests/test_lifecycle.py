@@ -60,7 +60,7 @@ def test_missing_weights_stop_startup_naming_what_was_tried(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = _serve(tmp_path, ALIT_MODEL=str(empty))
-    assert out.returncode != 0 and "without a .safetensors or .pth file" in out.stderr, out.stderr[-2000:]
+    assert out.returncode != 0 and "without a .safetensors, .pth or .bin file" in out.stderr, out.stderr[-2000:]
 
 
 def test_a_load_that_fails_in_the_background_exits_nonzero(tmp_path):
