@@ -57,8 +57,51 @@ class VQGANConfig:
                 raise ConfigError(f"VQGAN channel count {c} is not divisible by {self.num_groups} groups")
 
 
+class PatchGrid:
+    """What every family's configuration derives from `img_size` and `patch_size`, and the checks
+    they share; each family's frozen config dataclass inherits it (config.py, karl.py, titok.py)."""
+
+    img_size: int
+    patch_size: int
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid_size**2
+
+    def check_grid(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+
+    def check_heads(self) -> None:
+        """Encoder and decoder widths split evenly into their attention heads."""
+        for name in ("encoder", "decoder"):
+            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
+            if width < 1 or heads < 1 or width % heads:
+                raise ConfigError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
+
+
+def known_fields(cls: type, d: dict[str, Any], what: str) -> None:
+    """ConfigError naming every key of `d` that is no field of the dataclass `cls`."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {what} config fields: {sorted(unknown)}")
+
+
+def vqgan_from_dict(d: dict[str, Any], what: str = "VQGAN") -> VQGANConfig:
+    """A nested VQGAN block of a config dict (strict; `ch_mult` as a tuple)."""
+    vq = dict(d)
+    known_fields(VQGANConfig, vq, what)
+    if "ch_mult" in vq:
+        vq["ch_mult"] = tuple(vq["ch_mult"])
+    return VQGANConfig(**vq)
+
+
 @dataclass(frozen=True)
-class ALITConfig:
+class ALITConfig(PatchGrid):
     """Adaptive-length image tokenizer (ALIT) hyper-parameters, named after the reference."""
 
     img_size: int = 256
@@ -80,21 +123,12 @@ class ALITConfig:
 
     # ----- derived quantities -------------------------------------------------------------
     @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.grid_size**2
-
-    @property
     def max_tokens(self) -> int:
         return self.tokens_per_iter * self.max_iters
 
     def validate(self) -> ALITConfig:
         self.vqgan.validate()
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        self.check_grid()
         if self.vqgan.resolution != self.img_size:
             raise ConfigError(
                 f"VQGAN resolution {self.vqgan.resolution} differs from img_size {self.img_size}"
@@ -109,10 +143,7 @@ class ALITConfig:
                 f"encoder_width ({self.encoder_width}) must exceed the VQGAN embed_dim "
                 f"({self.vqgan.embed_dim}): the patch embedding gets the difference"
             )
-        for name in ("encoder", "decoder"):
-            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
-            if width % heads:
-                raise ConfigError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
+        self.check_heads()
         if self.max_tokens > self.decoder_max_latent_tokens:
             raise ConfigError(
                 f"{self.max_iters} iterations x {self.tokens_per_iter} tokens exceed the decoder's "
@@ -129,17 +160,9 @@ class ALITConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ALITConfig:
         d = dict(d)
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown ALIT config fields: {sorted(unknown)}")
-        vq = dict(d.pop("vqgan", {}))
-        vq_known = {f.name for f in fields(VQGANConfig)}
-        if set(vq) - vq_known:
-            raise ConfigError(f"unknown VQGAN config fields: {sorted(set(vq) - vq_known)}")
-        if "ch_mult" in vq:
-            vq["ch_mult"] = tuple(vq["ch_mult"])
-        return cls(**d, vqgan=VQGANConfig(**vq)).validate()
+        known_fields(cls, d, "ALIT")
+        vqgan = vqgan_from_dict(d.pop("vqgan", {}))
+        return cls(**d, vqgan=vqgan).validate()
 
     @classmethod
     def from_reference_json(cls, d: dict[str, Any]) -> ALITConfig:

@@ -33,14 +33,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, VQGANConfig
+from .config import ConfigError, PatchGrid, VQGANConfig, known_fields, vqgan_from_dict
 from .family import Family, Limits, StepOutput, TargetError
 from .presets import PUBLISHED_VQGAN
 from .transformer import BatchMode, Block, LatentQuantizer, Seq, run_blocks
@@ -58,7 +58,7 @@ BIN_SLOTS = 32  # probe key = budget * BIN_SLOTS + bin index
 
 
 @dataclass(frozen=True)
-class KARLConfig:
+class KARLConfig(PatchGrid):
     """KARL hyper-parameters. The defaults are the released `karl_small` with the MaskGIT VQGAN."""
 
     img_size: int = 256
@@ -82,31 +82,19 @@ class KARLConfig:
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
 
     @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.grid_size**2
-
-    @property
     def max_tokens(self) -> int:
         return self.latent_rows
 
     def validate(self) -> KARLConfig:
         self.vqgan.validate()
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        self.check_grid()
         if (self.vqgan.resolution, self.vqgan.grid_size) != (self.img_size, self.grid_size):
             raise ConfigError(f"VQGAN resolution {self.vqgan.resolution} / grid {self.vqgan.grid_size} differ "
                               f"from img_size {self.img_size} / patch grid {self.grid_size}")
         if self.encoder_width <= self.vqgan.embed_dim:
             raise ConfigError(f"encoder_width ({self.encoder_width}) must exceed the VQGAN embed_dim "
                               f"({self.vqgan.embed_dim}): the patch embedding gets the difference")
-        for name in ("encoder", "decoder"):
-            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
-            if width % heads:
-                raise ConfigError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
+        self.check_heads()
         if not 1 <= self.min_budget <= self.default_budget <= self.latent_rows:
             raise ConfigError(f"budgets must satisfy 1 <= min_budget ({self.min_budget}) <= default_budget "
                               f"({self.default_budget}) <= latent_rows ({self.latent_rows})")
@@ -126,18 +114,11 @@ class KARLConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KARLConfig:
         d = dict(d)
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown KARL config fields: {sorted(unknown)}")
-        vq = dict(d.pop("vqgan", {}))
-        vq_unknown = set(vq) - {f.name for f in fields(VQGANConfig)}
-        if vq_unknown:
-            raise ConfigError(f"unknown VQGAN config fields: {sorted(vq_unknown)}")
-        if "ch_mult" in vq:
-            vq["ch_mult"] = tuple(vq["ch_mult"])
+        known_fields(cls, d, "KARL")
+        vqgan = vqgan_from_dict(d.pop("vqgan", {}))
         if "quality_bins" in d:
             d["quality_bins"] = tuple(float(x) for x in d["quality_bins"])
-        return cls(**d, vqgan=VQGANConfig(**vq)).validate()
+        return cls(**d, vqgan=vqgan).validate()
 
     @classmethod
     def from_reference_json(cls, d: dict[str, Any]) -> KARLConfig:

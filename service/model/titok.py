@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError, VQGANConfig
+from .config import ConfigError, PatchGrid, VQGANConfig, known_fields, vqgan_from_dict
 from .family import Family, Limits, StepOutput, TargetError
 from .presets import PUBLISHED_VQGAN
 from .transformer import BatchMode, Block, LatentQuantizer, Seq, run_blocks
@@ -64,7 +64,7 @@ LADDER_STEP = 32
 
 
 @dataclass(frozen=True)
-class TiTokConfig:
+class TiTokConfig(PatchGrid):
     """TiTok / One-D-Piece hyper-parameters. Defaults: One-D-Piece-S-256 (`one_d_piece_s256`).
 
     `pixel_vqgan` describes the MaskGIT-VQGAN pixel stage (its codebook and decoder; there is no
@@ -91,29 +91,17 @@ class TiTokConfig:
     pixel_vqgan: VQGANConfig = field(default_factory=lambda: PUBLISHED_VQGAN)
 
     @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.grid_size**2
-
-    @property
     def max_tokens(self) -> int:
         return self.num_latent_tokens
 
     def validate(self) -> TiTokConfig:
         px = self.pixel_vqgan
         px.validate()
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        self.check_grid()
         if (px.resolution, px.grid_size) != (self.img_size, self.grid_size):
             raise ConfigError(f"pixel decoder resolution {px.resolution} / grid {px.grid_size} differ from "
                               f"img_size {self.img_size} / patch grid {self.grid_size}")
-        for name in ("encoder", "decoder"):
-            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
-            if width < 1 or heads < 1 or width % heads:
-                raise ConfigError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
+        self.check_heads()
         if self.num_latent_tokens < 1 or self.vq_codebook_size < 1 or self.vq_token_dim < 1:
             raise ConfigError("num_latent_tokens, vq_codebook_size and vq_token_dim must be positive")
         if not self.use_l2_norm:
@@ -132,16 +120,9 @@ class TiTokConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TiTokConfig:
         d = dict(d)
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown TiTok config fields: {sorted(unknown)}")
-        px = dict(d.pop("pixel_vqgan", asdict(PUBLISHED_VQGAN)))
-        px_unknown = set(px) - {f.name for f in fields(VQGANConfig)}
-        if px_unknown:
-            raise ConfigError(f"unknown pixel_vqgan config fields: {sorted(px_unknown)}")
-        if "ch_mult" in px:
-            px["ch_mult"] = tuple(px["ch_mult"])
-        return cls(**d, pixel_vqgan=VQGANConfig(**px)).validate()
+        known_fields(cls, d, "TiTok")
+        pixel_vqgan = vqgan_from_dict(d.pop("pixel_vqgan", asdict(PUBLISHED_VQGAN)), "pixel_vqgan")
+        return cls(**d, pixel_vqgan=pixel_vqgan).validate()
 
     @classmethod
     def from_reference_json(cls, d: dict[str, Any]) -> TiTokConfig:
