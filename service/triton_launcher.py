@@ -2,9 +2,11 @@
 repository: `alit-serve triton` / `make triton`. For development and tests; production runs NVIDIA's
 Triton container on `model_repository/`.
 
-The repository is used in place (never copied): its models `alit` and `karl` share one code folder
-(`karl/1` is a relative link to `alit/1`), and each picks its weights by its name (`ALIT_MODELS`,
-see model_repository/alit/1/model.py). Triton loads every model of the repository.
+The repository is used in place (never copied): its models `alit`, `karl` and `titok` share one code
+folder (`karl/1` and `titok/1` are relative links to `alit/1`), and each picks its weights by its name
+(`ALIT_MODELS`, see model_repository/alit/1/model.py). Triton loads only the models served
+(`load_flags`): the ids of `ALIT_MODELS`, else `alit` alone — not an idle copy of the default weights
+under every other name.
 
 The wheel's tree is assembled into a runtime folder (the Python backend needs the stub built for
 this Python next to it), its bundled libraries go on LD_LIBRARY_PATH, and ALIT_PYTHONPATH tells the
@@ -63,6 +65,24 @@ class TritonPorts:
     metrics: int = 8012
 
 
+def load_flags(repository: Path, env: dict) -> list[str]:
+    """Triton's flags to load just the served models: each id of `ALIT_MODELS` (the front asks the
+    Triton model of its id), else `alit` (the front's single model). TritonUnavailable when an id
+    has no folder in the repository."""
+    from .settings import Settings
+
+    try:
+        ids = [name or "alit" for name, _ in Settings(models=env.get("ALIT_MODELS", "")).model_specs()]
+    except ValueError as e:
+        raise TritonUnavailable(str(e)) from e
+    missing = [i for i in ids if not (repository / i / "config.pbtxt").is_file()]
+    if missing:
+        raise TritonUnavailable(f"ALIT_MODELS names {', '.join(map(repr, missing))}, which {repository} has "
+                                "no folder for (add one as karl/ is: a link 1 -> ../alit/1 and config.pbtxt "
+                                "with the name)")
+    return ["--model-control-mode=explicit", *(f"--load-model={i}" for i in ids)]
+
+
 def command(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, exit_timeout: int = 30,
             extra_env: dict | None = None) -> tuple[list[str], dict]:
     """The tritonserver command line and environment (this one's, plus extra_env, e.g. ALIT_MODEL)."""
@@ -74,7 +94,8 @@ def command(runtime: Path, ports: TritonPorts, repository: Path = REPOSITORY, ex
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     cmd = [str(runtime / "bin" / "tritonserver"), f"--model-repository={repository}",
            f"--backend-directory={runtime / 'backends'}", f"--http-port={ports.http}", f"--grpc-port={ports.grpc}",
-           f"--metrics-port={ports.metrics}", "--log-verbose=0", f"--exit-timeout-secs={exit_timeout}"]
+           f"--metrics-port={ports.metrics}", "--log-verbose=0", f"--exit-timeout-secs={exit_timeout}",
+           *load_flags(repository, env)]
     return cmd, env
 
 
@@ -127,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=8011)
     p.add_argument("--metrics-port", type=int, default=8012)
     p.add_argument("--repository", default=str(REPOSITORY))
+    p.add_argument("--load-flags", action="store_true",
+                   help="only print the flags that load the served models (for a tritonserver started elsewhere)")
     a = p.parse_args(argv)
     try:
+        if a.load_flags:
+            print(" ".join(load_flags(Path(a.repository), dict(os.environ))))
+            return 0
         cmd, env = command(prepare_runtime(Path(a.runtime)), TritonPorts(a.http_port, a.grpc_port, a.metrics_port),
                            Path(a.repository))
     except TritonUnavailable as e:

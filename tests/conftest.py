@@ -192,14 +192,16 @@ class Server:
 
 
 KARL_FIXTURE = ROOT / "tests" / "fixtures" / "karl-reference"
-TRITON_MODELS = f"alit={FIXTURE / 'checkpoint.pth'},karl={KARL_FIXTURE}"  # the session tritonserver's ALIT_MODELS
+ODP_FIXTURE = ROOT / "tests" / "fixtures" / "one-d-piece-reference"
+# the session tritonserver's ALIT_MODELS
+TRITON_MODELS = f"alit={FIXTURE / 'checkpoint.pth'},karl={KARL_FIXTURE},titok={ODP_FIXTURE}"
 
 
 @pytest.fixture(scope="session")
 def triton_ports(tmp_path_factory):
     """A real tritonserver (nvidia-pytriton wheel) on model_repository/, serving the ALIT fixture as
-    `alit` and the KARL fixture as `karl` (TRITON_MODELS); ALIT_MODEL is the ALIT fixture too, so a
-    front with ALIT_MODEL alone (its one model asks for `alit`) matches it."""
+    `alit`, the KARL fixture as `karl` and the One-D-Piece one as `titok` (TRITON_MODELS); ALIT_MODEL
+    is the ALIT fixture too, so a front with ALIT_MODEL alone (its one model asks for `alit`) matches it."""
     from service.triton_launcher import TritonPorts, start_ready
 
     ports = TritonPorts(free_port(), free_port(), free_port())
@@ -207,7 +209,7 @@ def triton_ports(tmp_path_factory):
            "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     proc = start_ready(tmp_path_factory.mktemp("runtime"), ports, log, extra_env=env, timeout=120, exit_timeout=3,
-                       models=("alit", "karl"))
+                       models=("alit", "karl", "titok"))
     yield ports
     terminate(proc, timeout=15)
 

@@ -47,10 +47,32 @@ def test_demo_page_updates_token_count_and_images(start_server, tmp_path):
     for state in (first, second, third):  # one model: no picker, no compare view, no model field
         assert state["picker"] is False and state["compare"] is False and "model=" not in state["curl"]
     assert first["kinds"] == ["max_l1", "min_psnr", "tokens", "max_tokens"]  # what the model accepts
+    assert (first["title"], first["unit"]) == ("Every iteration", "iterations")
     assert r["external"] == []  # nothing fetched from outside the server: works offline
     assert shot.stat().st_size > 20_000
     if os.environ.get("ALIT_UPDATE_DOCS") == "1":  # refresh the README's screenshot on request only
         shutil.copy(shot, ROOT / "docs" / "demo.png")
+
+
+def test_demo_page_strips_one_d_piece_prefixes(start_server, tmp_path):
+    """One-D-Piece alone: the strip shows the reconstruction at every prefix length the search probed
+    (32, then 64 if 32 did not meet the target), an exact budget probes one prefix, and the labels say
+    prefixes — from the model's `probe_name` in /v1/models, not from its family's name."""
+    node = browser()
+    srv = start_server(model="tests/fixtures/one-d-piece-reference", decode_scale=0)
+    out = subprocess.run([node, "demo.mjs", srv.url + "/", str(IMAGE), str(tmp_path / "odp.png")],
+                         cwd=E2E, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    first, second = r["first"], r["second"]
+    with open(IMAGE, "rb") as f:
+        expect = httpx.post(srv.url + "/v1/tokenize", files={"file": f}, data={"max_l1": "0.1"}, timeout=60).json()
+    n = expect["results"][0]["iterations"]
+    assert first["strip"] == int(first["iterations"]) == n and first["tokens"] == str(expect["results"][0]["num_tokens"])
+    assert [c.split(" tok")[0] for c in first["captions"]] == [str(32 * (i + 1)) for i in range(n)]
+    assert (first["title"], first["unit"]) == ("Every prefix", "prefixes") and first["chosen"] == 1
+    assert second["tokens"] == "64" and second["strip"] == 1 and second["captions"][0].startswith("64 tok")
+    assert first["reconstruction"] == "data:image/png;base64," and r["external"] == []
 
 
 def test_demo_page_picks_and_compares_models(start_server, tmp_path):

@@ -1,9 +1,11 @@
 """One halting-selection rule: whatever iterations the cache holds, its answer for a target is the
 engine's answer, or no answer at all (then the request goes to the engine).
 
-The engine side is the real thing: a real in-process `Engine` running the `preset:test_tiny` model
-on random images. Hypothesis picks the images, the target that filled the cache (the cache holds
-exactly the iterations that request ran) and the target asked afterwards.
+The engine side is the real thing: a real in-process `Engine` running the `preset:test_tiny` ALIT
+model, and the One-D-Piece fixture (the `titok` family: probes are prefix lengths, and an exact
+budget may be any length, on the ladder or not), on random images. Hypothesis picks the images, the
+target that filled the cache (the cache holds exactly the probes that request ran) and the target
+asked afterwards.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import ODP_FIXTURE
 from service.cache import Trajectory
 from service.engine import Engine, EngineSettings, Target, TargetError, parse_target
 from service.model.registry import resolve
@@ -26,15 +29,16 @@ DEFAULT = Target(max_l1=0.07)
 
 
 class World:
-    """A started engine and, per image, its full trajectory (every iteration measured)."""
+    """A started engine and, per image, its full trajectory: every probe of the ladder, and of every
+    budget the targets below may ask for, measured."""
 
-    def __init__(self, halting: bool):
+    def __init__(self, spec: str, halting: bool):
         self.loop = asyncio.new_event_loop()
-        loaded = resolve("preset:test_tiny")
+        loaded = resolve(spec)
         self.engine = Engine(loaded, EngineSettings(devices="cpu", warmup=False, halting=halting, max_batch=8)).start()
         self.limits = self.engine.limits
         gen = torch.Generator().manual_seed(0)
-        size = loaded.config.img_size
+        size = self.limits.img_size
         # noise, smooth gradients and flat patches: trajectories of different shapes
         self.images = []
         for k in range(N_IMAGES):
@@ -47,8 +51,22 @@ class World:
             else:
                 img = torch.rand(3, 1, 1, generator=gen).expand(3, size, size).clone()
             self.images.append((img * 255).round() / 255)
-        never = Target(max_l1=1e-9)  # runs every iteration, measuring each
-        self.full = [self.tokenize(i, never).trajectory for i in range(N_IMAGES)]
+        never = Target(max_l1=1e-9)  # runs every probe of the ladder, measuring each
+        self.full = [Trajectory().merge(self.tokenize(i, never).trajectory) for i in range(N_IMAGES)]
+        # exact budgets: the ladder's lengths and, where the model takes them, a few off it
+        self.ladder = sorted(len(r.token_ids) for r in self.full[0].records.values())
+        self.budgets = sorted({*self.ladder} | {b for b in (1, 5, 24, 40) if self._takes(b)})
+        for full, i in zip(self.full, range(N_IMAGES)):
+            for b in self.budgets:
+                capped = parse_target({"max_l1": 1e-9, "max_tokens": b}, self.limits, DEFAULT)  # measures b too
+                full.merge(self.tokenize(i, capped).trajectory)
+
+    def _takes(self, budget: int) -> bool:
+        try:
+            self.limits.check_budget("tokens", budget)
+            return True
+        except TargetError:
+            return False
 
     def tokenize(self, i: int, target: Target):
         return self.loop.run_until_complete(self.engine.tokenize(self.images[i], target, trajectory=True))
@@ -58,9 +76,10 @@ class World:
         self.loop.close()
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["halting", "no-halting"])
+@pytest.fixture(scope="module", params=[("preset:test_tiny", True), ("preset:test_tiny", False),
+                                        (str(ODP_FIXTURE), False)], ids=["alit-halting", "alit", "one-d-piece"])
 def world(request):
-    w = World(halting=request.param)
+    w = World(*request.param)
     yield w
     w.close()
 
@@ -68,10 +87,9 @@ def world(request):
 @st.composite
 def targets(draw, world: World, image: int):
     """Valid targets, with thresholds often exactly at (or next to) a value of the image's trajectory."""
-    traj = world.full[image]
+    traj = [r for r in world.full[image].records.values() if r.l1 is not None]
     l1s = [r.l1 for r in traj]
     psnrs = [r.psnr for r in traj]
-    t, k = world.limits.tokens_per_iter, world.limits.max_iters
 
     def near(values, lo, hi):
         v = draw(st.sampled_from(values))
@@ -86,9 +104,9 @@ def targets(draw, world: World, image: int):
     if kind in ("min_psnr", "both"):
         spec["min_psnr"] = near(psnrs, 1e-3, 100.0)
     if kind == "tokens":
-        spec["tokens"] = t * draw(st.integers(1, k))
+        spec["tokens"] = draw(st.sampled_from(world.budgets))
     elif draw(st.booleans()):
-        spec["max_tokens"] = t * draw(st.integers(1, k))
+        spec["max_tokens"] = draw(st.sampled_from(world.budgets))
     try:
         return parse_target(spec, world.limits, DEFAULT)
     except TargetError:  # e.g. a threshold clamped onto an open bound
@@ -123,7 +141,7 @@ def test_the_cache_answers_exactly_as_the_engine(world):
         if answer is not None:  # a hit must be exactly the engine's answer
             _same(answer, engine)
         # with every iteration stored, there is always an answer, and it is the engine's
-        full = Trajectory.from_bytes(Trajectory().merge(world.full[image]).to_bytes())
+        full = Trajectory.from_bytes(world.full[image].to_bytes())
         answer = full.lookup(second, world.limits)
         assert answer is not None
         _same(answer, engine)
@@ -133,10 +151,12 @@ def test_the_cache_answers_exactly_as_the_engine(world):
 
 def test_a_prefix_answers_what_it_determines(world):
     """The iterations a request ran determine its own answer: looking it up again is a hit."""
-    t = world.limits.tokens_per_iter
+    keys = world.limits.ladder(None, None, None, None)
     for image in range(N_IMAGES):
-        for target in (Target(max_l1=world.full[image][2].l1), Target(tokens=3 * t), DEFAULT,
-                       Target(min_psnr=world.full[image][0].psnr, max_tokens=2 * t)):
+        measured = world.full[image].records
+        for target in (Target(max_l1=measured[keys[-2]].l1), parse_target({"tokens": world.budgets[2]}, world.limits, DEFAULT),
+                       DEFAULT, parse_target({"min_psnr": measured[keys[0]].psnr, "max_tokens": world.ladder[1]},
+                                             world.limits, DEFAULT)):
             result = world.tokenize(image, target)
             answer = Trajectory().merge(result.trajectory).lookup(target, world.limits)
             assert answer is not None, (image, target)

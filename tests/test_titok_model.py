@@ -358,3 +358,50 @@ def test_the_engine_walks_prefix_ladders_and_answers_as_the_fixture_tables_say(r
             want, met = (hits[0], True) if hits else (min(score, key=score.__getitem__), False)
         assert (r.selected_iteration, r.num_tokens, r.target_met) == (want, want, met), (b, t)
         np.testing.assert_array_equal(r.token_ids, exp["token_ids"][b, :want])
+
+
+def test_images_at_different_prefix_lengths_share_each_step_and_answer_as_alone(registered, images):
+    """The packed step: images at different probe lengths go through one decoder call and one pixel
+    decode per step, and each image's answer is the one it gets alone."""
+    import asyncio
+
+    from service.engine import Engine, EngineSettings
+
+    loaded = load_model(FIXTURE)
+    m = loaded.model
+    calls: list[list[int]] = []
+    pixel_calls: list[int] = []
+    decode_logits, reconstruct = m.decode_logits, m.reconstruct
+
+    def spy_logits(token_ids, positions=None):
+        calls.append([int(t.shape[0]) for t in token_ids])
+        return decode_logits(token_ids, positions)
+
+    def spy_pixels(logits):
+        pixel_calls.append(int(logits.shape[0]))
+        return reconstruct(logits)
+
+    m.decode_logits, m.reconstruct = spy_logits, spy_pixels  # type: ignore[method-assign]
+    # ladders [32, 64], [20], [32, 48], [32, 64]; an exact budget probes once and measures nothing
+    targets = [Target(max_l1=0.01), Target(max_l1=0.01, max_tokens=20), Target(max_l1=0.34, max_tokens=48),
+               Target(tokens=40), Target(max_l1=0.4)]
+    jobs = [(i % 7, parse_target(vars(targets[i % len(targets)]), m.limits, Target(max_l1=0.07))) for i in range(12)]
+
+    async def run(batch):
+        eng = Engine(loaded, EngineSettings(devices="cpu", halting=False, warmup=False, max_batch=16)).start()
+        try:
+            return await asyncio.gather(*[eng.tokenize(images[b], t) for b, t in batch])
+        finally:
+            eng.shutdown()
+
+    together = asyncio.run(run(jobs))
+    mixed = [c for c in calls if len(set(c)) > 1]
+    assert mixed, calls  # some step decoded several lengths in one call
+    assert len(calls) < sum(r.iterations for r in together)  # probes shared calls
+    assert len(pixel_calls) <= len(calls) and sum(pixel_calls) <= sum(map(len, calls))
+    for (b, t), r in zip(jobs, together):
+        (alone,) = asyncio.run(run([(b, t)]))
+        assert (alone.selected_iteration, alone.target_met, alone.iterations) == (r.selected_iteration, r.target_met,
+                                                                                  r.iterations), (b, t)
+        np.testing.assert_array_equal(alone.token_ids, r.token_ids)
+        assert (alone.l1 is None) == (r.l1 is None) and (r.l1 is None or abs(alone.l1 - r.l1) <= 1e-5)

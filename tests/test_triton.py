@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURE, KARL_FIXTURE, ROOT, terminate
+from conftest import FIXTURE, KARL_FIXTURE, ODP_FIXTURE, ROOT, terminate
 
 tritonclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient is part of the test extras")
 PHOTOS = sorted((FIXTURE / "images").rglob("*.*"))
 KARL_PHOTOS = sorted((KARL_FIXTURE / "images").rglob("*.*"))
+ODP_PHOTOS = sorted((ODP_FIXTURE / "images").rglob("*.*"))
 OUTPUTS = ("TOKEN_IDS", "POSITIONS", "PROBE", "NUM_TOKENS", "ITERATIONS", "L1", "TARGET_MET", "IS_FINAL")
 TARGETS = [{"MAX_L1": 0.8775}, {"TOKENS": 96}, {"MIN_PSNR": 3.0}, {"MAX_L1": 0.3, "MAX_TOKENS": 128},
            {"TOKENS": 256}, {"MAX_L1": 0.0001}, {}, {"MIN_PSNR": 2.0, "MAX_TOKENS": 64}]
@@ -106,7 +107,8 @@ def in_process(requests: list[tuple], weights=FIXTURE / "checkpoint.pth") -> lis
             jobs = []
             for image, target, _ in requests:
                 t = parse_target({NAMES[k]: v for k, v in target.items()}, eng.limits, Target(max_l1=0.07))
-                jobs.append(eng.tokenize(load_for_model(image, eng.limits.img_size), t, trajectory=True))
+                pixels = load_for_model(image, eng.limits.img_size, resample=eng.limits.resample)
+                jobs.append(eng.tokenize(pixels, t, trajectory=True))
             return await asyncio.gather(*jobs)
         finally:
             eng.shutdown()
@@ -437,15 +439,49 @@ def test_triton_metrics_name_the_model(triton):
     assert engine_series and all('model="' in k for k in engine_series), [k for k in engine_series if "model=" not in k]
 
 
-def test_the_karl_model_is_the_alit_code_under_another_name():
-    """model_repository/karl: its version folder links to alit's code (so there is one model.py), and
-    its config declares alit's inputs, outputs and settings, only the name differs."""
+ODP_TARGETS = [{"MAX_L1": 0.4}, {"TOKENS": 24}, {}, {"MAX_L1": 0.3, "MAX_TOKENS": 48}, {"MAX_L1": 0.01}]
+
+
+def test_the_titok_model_answers_what_the_in_process_engine_does(triton):
+    """Triton's `titok` (the One-D-Piece fixture, by ALIT_MODELS): the in-process engine's prefix, with
+    one response per probed prefix length (PROBE = the length) — the same code as alit's and karl's."""
+    corpus = [p.read_bytes() for p in ODP_PHOTOS]
+    requests = [(corpus[i], ODP_TARGETS[i % len(ODP_TARGETS)], None) for i in range(len(corpus))]
+    got = infer_many(triton.grpc, requests, all_fields=True, model="titok", every=True)
+    assert not [k for k in got if k.startswith("error")], got
+    want = in_process(requests, weights=ODP_FIXTURE)
+    for n, w in enumerate(want):
+        g = got[str(n)]
+        np.testing.assert_array_equal(g["TOKEN_IDS"][0], w.token_ids)
+        assert g["POSITIONS"][0].size == 0 and w.positions is None
+        assert int(g["PROBE"][0, 0]) == w.selected_iteration == int(g["NUM_TOKENS"][0, 0]) == w.num_tokens
+        assert int(g["ITERATIONS"][0, 0]) == w.iterations and bool(g["TARGET_MET"][0, 0]) == w.target_met
+        assert [int(p["PROBE"][0, 0]) for p in got[f"{n}/probes"]] == [r.iteration for r in w.trajectory]
+    assert {int(got[str(n)]["PROBE"][0, 0]) for n in range(len(want))} >= {24, 32, 64}
+
+
+def test_only_the_served_models_are_loaded(tmp_path):
+    """Explicit model control: the ids of ALIT_MODELS, else `alit` alone; an id without a folder is
+    named before tritonserver starts."""
+    from service.triton_launcher import REPOSITORY, TritonUnavailable, load_flags
+
+    assert load_flags(REPOSITORY, {}) == ["--model-control-mode=explicit", "--load-model=alit"]
+    both = load_flags(REPOSITORY, {"ALIT_MODELS": "alit=preset:test_tiny,titok=tests/fixtures/one-d-piece-reference"})
+    assert both[1:] == ["--load-model=alit", "--load-model=titok"]
+    with pytest.raises(TritonUnavailable, match="'mine'.*no folder"):
+        load_flags(REPOSITORY, {"ALIT_MODELS": "alit=preset:test_tiny,mine=preset:test_tiny"})
+
+
+@pytest.mark.parametrize("name", ["karl", "titok"])
+def test_the_other_models_are_the_alit_code_under_another_name(name):
+    """model_repository/karl and /titok: each version folder links to alit's code (so there is one
+    model.py), and each config declares alit's inputs, outputs and settings, only the name differs."""
     import os
     import re
 
     repo = ROOT / "model_repository"
-    assert (repo / "karl" / "1").is_symlink() and os.readlink(repo / "karl" / "1") == "../alit/1"
-    assert (repo / "karl" / "1" / "model.py").read_bytes() == (repo / "alit" / "1" / "model.py").read_bytes()
+    assert (repo / name / "1").is_symlink() and os.readlink(repo / name / "1") == "../alit/1"
+    assert (repo / name / "1" / "model.py").read_bytes() == (repo / "alit" / "1" / "model.py").read_bytes()
 
     def declared(name: str) -> str:
         text = (repo / name / "config.pbtxt").read_text()
@@ -453,5 +489,5 @@ def test_the_karl_model_is_the_alit_code_under_another_name():
         return "\n".join(re.sub(r"#.*", "", line).rstrip() for line in text.splitlines()
                          if re.sub(r"#.*", "", line).strip() and not line.startswith("name:"))
 
-    assert declared("karl") == declared("alit")
+    assert declared(name) == declared("alit")
     assert "POSITIONS" in declared("alit") and "PROBE" in declared("alit")

@@ -342,6 +342,7 @@ def _model_info(svc, m, default: bool) -> dict:
         "id": m.id, "family": lm.family.name, "default": default, "fingerprint": lm.fingerprint,
         "preset": preset_name_of(lm.config), "source": lm.source, "image_size": li.img_size,
         "max_tokens": li.max_tokens, "codebook_size": li.codebook_size, "accepts": list(li.accepts),
+        "probe_name": list(li.probe_name),
         "token_positions": li.positional, "default_target": TargetSpec(**svc.default_target.to_dict()),
         "halting": svc.settings.halting, **li.info(),
     }

@@ -139,7 +139,7 @@ class ModelInfo(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     id: str
-    family: str = Field(..., description="alit | karl")
+    family: str = Field(..., description="alit | karl | titok (One-D-Piece, TiTok)")
     default: bool = Field(..., description="Used when a request names no model.")
     fingerprint: str
     preset: str | None
@@ -148,6 +148,8 @@ class ModelInfo(BaseModel):
     max_tokens: int
     codebook_size: int
     accepts: list[str] = Field(..., description="The target fields this model honours; others are a 422.")
+    probe_name: list[str] = Field(..., description="What one probe is called, and several: iteration (ALIT), pass "
+                                                   "(KARL), prefix (One-D-Piece: a probe decodes one prefix length).")
     token_positions: bool = Field(..., description="Its token ids come with positions (send them to /reconstruct).")
     default_target: TargetSpec
     halting: bool

@@ -74,6 +74,7 @@ class Limits:
     accepts: ClassVar[tuple[str, ...]] = TARGET_FIELDS  # the target fields it honours
     positional: ClassVar[bool] = False  # token ids come with positions (see `check_sequence`)
     resample: ClassVar[str] = "bicubic"  # the reference's resize filter (imaging.RESAMPLE): bicubic | bilinear
+    probe_name: ClassVar[tuple[str, str]] = ("iteration", "iterations")  # what one probe is called, and many
     image_size: int = field(default=256, kw_only=True)  # the model's input side, pixels
     codebook: int = field(default=4096, kw_only=True)  # ids are in [0, codebook)
 

@@ -262,6 +262,7 @@ class KARLLimits(Limits):
     family: ClassVar[str] = "karl"
     accepts: ClassVar[tuple[str, ...]] = ("max_l1", "max_tokens")
     positional: ClassVar[bool] = True
+    probe_name: ClassVar[tuple[str, str]] = ("pass", "passes")
 
     latent_rows: int = 512
     min_budget: int = 16

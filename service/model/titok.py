@@ -279,6 +279,7 @@ class TiTokLimits(Limits):
     family: ClassVar[str] = "titok"
     positional: ClassVar[bool] = False
     resample: ClassVar[str] = "bilinear"  # the reference resizes with PIL's (antialiased) BILINEAR
+    probe_name: ClassVar[tuple[str, str]] = ("prefix", "prefixes")
 
     num_latent_tokens: int = 256
     ladder_step: int = LADDER_STEP

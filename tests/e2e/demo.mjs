@@ -26,6 +26,9 @@ try {
     picker: !!document.querySelector("#model") && document.querySelector("#model").offsetParent !== null,
     compare: !!document.querySelector("#compareView") && document.querySelector("#compareView").offsetParent !== null,
     kinds: [...document.querySelectorAll("#kind option")].map((o) => o.value),
+    title: document.querySelector("#stripTitle").textContent,
+    unit: document.querySelector("#iterationsLabel").textContent,
+    captions: [...document.querySelectorAll(".strip figcaption")].map((c) => c.textContent),
   }));
 
   await page.setInputFiles("#file", imagePath);       // upload (default target: max L1 0.10)
