@@ -405,3 +405,29 @@ def test_images_at_different_prefix_lengths_share_each_step_and_answer_as_alone(
                                                                                   r.iterations), (b, t)
         np.testing.assert_array_equal(alone.token_ids, r.token_ids)
         assert (alone.l1 is None) == (r.l1 is None) and (r.l1 is None or abs(alone.l1 - r.l1) <= 1e-5)
+
+
+def test_the_released_layout_a_bin_beside_the_reference_yaml_loads(registered, ref_json, tmp_path):
+    """The released layout: `pytorch_model.bin` next to the repository's yaml config (no config.json)
+    loads strictly with the same configuration and fingerprint as the fixture; an ambiguous or broken
+    yaml is one clear error."""
+    import shutil
+
+    import yaml
+
+    from service.model.checkpoint import CheckpointError
+
+    folder = tmp_path / "odp"
+    folder.mkdir()
+    shutil.copy(FIXTURE / "pytorch_model.bin", folder / "pytorch_model.bin")
+    (folder / "one-d-piece_w64.yaml").write_text(yaml.safe_dump(ref_json))
+    want = load_model(FIXTURE)
+    got = load_model(folder)
+    assert got.config == want.config and got.fingerprint == want.fingerprint
+    (folder / "other.yml").write_text("model: {}\n")
+    with pytest.raises(CheckpointError, match="several yaml configs.*one-d-piece_w64.yaml.*other.yml"):
+        load_model(folder)
+    (folder / "other.yml").unlink()
+    (folder / "one-d-piece_w64.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(CheckpointError, match="cannot read config"):
+        load_model(folder / "pytorch_model.bin")

@@ -8,7 +8,8 @@ Accepted inputs:
 * a directory holding either.
 
 The configuration comes from a `config.json` beside the weights when there is one (ours or the
-reference fixture's layout), else it is inferred from the state dict's shapes (attention heads,
+reference fixture's layout), else from the one `.yaml` there (a reference's training config: the
+released One-D-Piece / TiTok layout), else it is inferred from the state dict's shapes (attention heads,
 which leave no trace in the weights, from the preset table or an explicit override); the family
 comes from the config, or from a key only its weights hold. Training-only entries (`gan_losses.*`:
 LPIPS + discriminators) are dropped before a strict load, which reports every mismatch at once.
@@ -32,6 +33,7 @@ from .family import Family, Limits
 
 TRAINING_ONLY_PREFIXES = ("gan_losses.",)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 class CheckpointError(ValueError):
@@ -120,16 +122,30 @@ def _select_weights(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_config_file(path: str | Path) -> Any:
-    """A config.json (ours, or a reference fixture's) as its family's configuration."""
+    """A config.json (ours, or a reference fixture's) or a reference's yaml (One-D-Piece / TiTok
+    publish theirs as `configs/*.yaml`) as its family's configuration."""
+    path = Path(path)
     try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        text = path.read_text()
+        d = _yaml(text) if path.suffix in YAML_SUFFIXES else json.loads(text)
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read config {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"invalid config {path}: not a mapping")
     try:
         family = registry.family_of_config_dict(d)
         return family.config.from_reference_json({k: v for k, v in d.items() if k != "family"})
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"invalid config {path}: {e}") from e
+
+
+def _yaml(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)  # plain data only: no tags that build objects
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from e
 
 
 def infer_config(sd: dict[str, torch.Tensor], heads: int | None = None) -> Any:
@@ -164,19 +180,30 @@ def fingerprint(model: torch.nn.Module, cfg: Any) -> str:
     return h.hexdigest()
 
 
+def _config_beside(folder: Path) -> Path | None:
+    """The configuration in a weights folder: `config.json`, else the folder's one `.yaml` / `.yml`
+    (a reference's training config, as One-D-Piece / TiTok publish them), else None."""
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        return cfg
+    yamls = sorted(p for suffix in YAML_SUFFIXES for p in folder.glob(f"*{suffix}"))
+    if len(yamls) > 1:
+        raise CheckpointError(f"{folder} holds several yaml configs ({', '.join(p.name for p in yamls)}) and no "
+                              "config.json: keep the one the weights were trained with")
+    return yamls[0] if yamls else None
+
+
 def _locate(path: Path) -> tuple[Path, Path | None]:
-    """(weights file, config.json or None) for a file or a directory."""
+    """(weights file, its configuration file or None) for a file or a directory."""
     if path.is_dir():
         for name in ("model.safetensors", "checkpoint.pth", "pytorch_model.bin"):
             if (path / name).is_file():
-                cfg = path / "config.json"
-                return path / name, cfg if cfg.is_file() else None
+                return path / name, _config_beside(path)
         weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.bin"))
         if not weights:
             raise CheckpointError(f"no .safetensors, .pth or .bin file in {path}")
         path = weights[0]
-    cfg = path.with_name("config.json")
-    return path, cfg if cfg.is_file() else None
+    return path, _config_beside(path.parent)
 
 
 def build_model(cfg: Any, sd: dict[str, torch.Tensor] | None = None, seed: int = 0) -> Any:
