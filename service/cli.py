@@ -1,4 +1,4 @@
-"""`alit-serve`: serve the HTTP API, verify against a reference fixture, convert checkpoints."""
+"""`alit-serve`: serve the HTTP API, verify against a reference fixture, convert checkpoints, tokenize datasets."""
 
 from __future__ import annotations
 
@@ -131,7 +131,24 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
 
 
+def _tokenize_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    from .bulk.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _tokenize_dataset(args: argparse.Namespace) -> int:
+    from .bulk.cli import main as bulk_main
+
+    return bulk_main(args)  # exit 0 every image tokenized, 1 some failed, 2 nothing could start
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tokenize-dataset"]:
+        from .bulk.cli import bare_ray
+
+        argv = bare_ray(argv)
     p = argparse.ArgumentParser(prog="alit-serve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -177,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="the engine benchmark (continuous vs lock-step vs reference) on a folder of images")
     _bench_arguments(b)
     b.set_defaults(func=_bench)
+
+    d = sub.add_parser("tokenize-dataset", help="tokenize a dataset (image folder, list, WebDataset, Parquet) into "
+                       "Parquet shards, here or on a Ray cluster; exit 1 if some image failed")
+    _tokenize_dataset_arguments(d)
+    d.set_defaults(func=_tokenize_dataset)
 
     c = sub.add_parser("convert", help="published .pth -> model.safetensors + config.json + MODEL_CARD.md")
     c.add_argument("src")

@@ -54,13 +54,18 @@ DCT_SCALED = {"JPEG", "MPO"}  # decoded at 1/2, 1/4 or 1/8 scale when asked ("dr
 REDUCE_MARGIN = 2  # other formats: box-reduced only down to twice the asked shorter side
 
 
+def check_size(n: int, limits: ImageLimits) -> None:
+    """An image of `n` bytes is within the limit (checked before reading a file or archive member)."""
+    if n > limits.max_bytes:
+        raise ImageError("image_too_large", f"image is {n} bytes; the limit is {limits.max_bytes}")
+
+
 def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Untrusted bytes -> a PIL image whose header (format, size) is read and checked against the
     limits, no pixel decoded yet; or ImageError."""
     if not data:
         raise ImageError("empty_image", "the image is empty (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise ImageError("image_too_large", f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    check_size(len(data), limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -189,10 +194,26 @@ def preprocess(img: Image.Image, size: int, resample: str = "bicubic") -> torch.
     return to_tensor(fit_to_model(img, size, resample))
 
 
-def load_for_model(data: bytes, size: int, limits: ImageLimits = ImageLimits(), resample: str = "bicubic"
-                   ) -> torch.Tensor:
-    """Untrusted encoded bytes -> the model's input (or ImageError): what the API and Triton run."""
-    return preprocess(decode_image(data, limits), size, resample)
+def decode_side(size: int, decode_scale: float) -> int | None:
+    """The shorter side to decode images at for a model input of `size` px (`ALIT_DECODE_SCALE`):
+    `decode_scale` x `size`, never below `size`; 0 -> None, every pixel."""
+    return None if decode_scale <= 0 else max(size, round(decode_scale * size))
+
+
+def model_input(img: Image.Image, size: int, min_side: int | None = None, resample: str = "bicubic") -> torch.Tensor:
+    """An image from `open_image`, planned by `plan_decode(img, min_side)` -> the model's input: decoded
+    (`load_image`), then the one preprocessing. The API's intake runs it in two steps around its
+    decode-memory budget; `load_for_model` in one."""
+    return preprocess(load_image(img, min_side), size, resample)
+
+
+def load_for_model(data: bytes, size: int, limits: ImageLimits = ImageLimits(), resample: str = "bicubic",
+                   min_side: int | None = None) -> torch.Tensor:
+    """Untrusted encoded bytes -> the model's input (or ImageError): what the API (with `min_side` =
+    `decode_side(size, ALIT_DECODE_SCALE)`), Triton and `tokenize-dataset` run. `min_side` None: every pixel."""
+    img = open_image(data, limits)
+    plan_decode(img, min_side)
+    return model_input(img, size, min_side, resample)
 
 
 def to_png(pixels: torch.Tensor) -> bytes:

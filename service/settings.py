@@ -136,6 +136,19 @@ class Settings(BaseSettings):
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
 
+def model_id(loaded: Any) -> str:
+    """The id of a model `ALIT_MODELS` names none for (the API's single model, a bulk run's model): the
+    shipped default, a preset's name, or the weights' file / folder name."""
+    from .model.registry import preset_name_of
+
+    source = Path(loaded.source)
+    if source.parent == SHIPPED_WEIGHTS:
+        return "alit-serve-default"
+    if loaded.source.startswith("preset:") or preset_name_of(loaded.config):
+        return preset_name_of(loaded.config) or loaded.source.split(":")[1]
+    return source.parent.name if source.name == "model.safetensors" else source.stem
+
+
 def engine_settings(settings: Settings, devices: str | None = None) -> EngineSettings:
     """The engine's part of the settings (the API and the Triton model build their engines from it);
     `devices` replaces `settings.devices` (Triton assigns each model instance its device)."""

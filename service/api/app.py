@@ -9,7 +9,6 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -22,8 +21,8 @@ from ..engine import Engine, EngineInterface, Limits, Target
 from ..imaging import ImageLimits
 from ..metrics import Metrics
 from ..model.checkpoint import LoadedModel
-from ..model.registry import preset_name_of, resolve
-from ..settings import SHIPPED_WEIGHTS, Settings, engine_settings
+from ..model.registry import resolve
+from ..settings import Settings, engine_settings, model_id
 from . import errors
 from .auth import KeyStore
 from .cached_tokenize import TokenizePipeline
@@ -129,16 +128,6 @@ class ServiceState:
             await asyncio.sleep(0.05)
         done = await asyncio.gather(*(e.drain(max(0.0, deadline - time.monotonic())) for e in self.engines))
         return all(done) and self.inflight == 0
-
-
-def model_id(loaded) -> str:
-    """A readable name: the shipped default, a preset's name, or the weights' file/folder name."""
-    source = Path(loaded.source)
-    if source.parent == SHIPPED_WEIGHTS:
-        return "alit-serve-default"
-    if loaded.source.startswith("preset:") or preset_name_of(loaded.config):
-        return preset_name_of(loaded.config) or loaded.source.split(":")[1]
-    return source.parent.name if source.name == "model.safetensors" else source.stem
 
 
 def build_state(settings: Settings) -> ServiceState:

@@ -30,7 +30,7 @@ import torch
 
 from .. import tracing
 from ..engine import Target, parse_target
-from ..imaging import ImageLimits, load_image, open_image, plan_decode, preprocess
+from ..imaging import ImageLimits, decode_side, model_input, open_image, plan_decode
 
 log = logging.getLogger("alit.intake")
 WORKING_COPIES = 2  # the decoded image plus one working copy (mode conversion / orientation / reduce)
@@ -96,7 +96,7 @@ class Intake:
         self.resample = resample  # the model family's resize filter
         self.keyer = keyer  # the cache key of a model input, computed with the decode (off the event loop)
         self.img_size = img_size
-        self.min_side = None if decode_scale <= 0 else max(img_size, round(decode_scale * img_size))
+        self.min_side = decode_side(img_size, decode_scale)
         self.budget = budget
         # digest of the uploaded bytes -> cache key of the model input they decoded to: the same bytes
         # sent again need no decoding unless the result cache cannot answer (see `prepare`)
@@ -122,7 +122,7 @@ class Intake:
                 await self.budget.release(cost)
 
     def _decode(self, img) -> tuple[torch.Tensor, str | None]:
-        pixels = preprocess(load_image(img, self.min_side), self.img_size, self.resample)
+        pixels = model_input(img, self.img_size, self.min_side, self.resample)
         return pixels, (self.keyer(pixels) if self.keyer is not None else None)
 
     async def _digest(self, data: bytes) -> bytes:
