@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     batch_mode: Literal["packed", "cohort", "padded"] = Field(
         "packed", description="Mixed iterations: packed tokens (attention per image), same-length cohorts, or one "
                               "padded call.")
+    refill_at: float = Field(1.0, gt=0, le=1, description="Saturated (a full batch or more waiting): admit new "
+                             "images only once the running ones are down to this fraction of the batch, as one "
+                             "cohort; 1 = fill every free slot at once.")
     admission: Literal["max_batch", "measured"] = Field(
         "max_batch", description="Images in flight per worker: up to `max_batch`, or up to the knee of the step-cost "
                                  "curve measured at warm-up.")
@@ -156,7 +159,7 @@ def engine_settings(settings: Settings, devices: str | None = None) -> EngineSet
         devices=settings.devices if devices is None else devices, max_batch=settings.max_batch,
         max_queue=settings.max_queue, policy=settings.scheduling, batch_mode=settings.batch_mode,
         halting=settings.halting, dtype=settings.dtype,
-        warmup=settings.warmup, admission=settings.admission, compile=settings.compile,
+        warmup=settings.warmup, admission=settings.admission, compile=settings.compile, refill_at=settings.refill_at,
     )
 
 

@@ -70,6 +70,13 @@ def test_policies_admit_as_their_strategy_says():
     # images cannot fill the free slots), the baselines take just what fills their slots
     assert c.to_take(active=10, ready=2) == 14 and c.to_take(active=10, ready=6) == 0
     assert lk.to_take(0, 0) == 32 and lk.to_take(5, 0) == 0 and Reference().to_take(0, 0) == 1
+    # saturated (a full batch or more waiting), continuous batching with refill_at < 1 admits in cohorts:
+    # nothing until the running images are down to refill_at x the limit, then every free slot
+    r = make_policy("continuous", 32, refill_at=0.5)
+    assert isinstance(r, Continuous) and r.capacity(20, backlog=40) == 0 and r.capacity(16, backlog=40) == 16
+    assert r.capacity(20, backlog=31) == 12  # below saturation: every free slot at once, as refill_at=1
+    assert r.to_take(active=20, ready=0, waiting=100) == 0 and r.to_take(active=16, ready=0, waiting=100) == 32
+    assert make_policy("continuous", 32).capacity(20, backlog=1000) == 12  # the default fills every slot
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         make_policy("fifo", 32)
 

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from conftest import CLI, FIXTURE, ROOT
-from service.bulk import tokenize_dataset
+from service.bulk import BulkError, tokenize_dataset
 from service.cli import main as cli_main
 from service.engine import Engine, EngineSettings, Target, parse_target
 from service.imaging import ImageError, ImageLimits, open_image
@@ -468,6 +468,10 @@ def test_ray_on_a_two_node_cluster_writes_the_local_runs_rows(dataset, tmp_path)
         cluster.wait_for_nodes()
         summary = tokenize_dataset(dataset, tmp_path / "ray", ray=cluster.address, ray_actors=2,
                                    ray_cpus_per_actor=0.5, shard_rows=5, **kw)
+        # a pool that leaves no CPU for the read tasks would wait forever: refused at once, exit 2
+        with pytest.raises(BulkError, match="exceed the cluster's 2 CPUs"):
+            tokenize_dataset(dataset, tmp_path / "ray_full", ray=cluster.address, ray_actors=2, ray_cpus_per_actor=1,
+                             **kw)
     finally:
         import ray
 

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
                     "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
         "settings": {"max_batch": args.max_batch, "batch_mode": args.batch_mode, "halting": not args.no_halting,
                      "lockstep_max_delay_s": args.max_delay, "dtype": args.dtype, "admission": args.admission,
-                     "compile": args.compile, "repeats": args.repeats},
+                     "compile": args.compile, "repeats": args.repeats, "refill_at": args.refill_at},
         "workload": {"images": str(args.images), "corpus_images": len(images),
                      "targets": [t.to_dict() for t in targets]},
         "profile": prof.to_dict(),
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
         report["simulated"] = {
             "note": "SIMULATED, not measured: the real scheduler on a stand-in device with a virtual clock; "
                     "see service/bench/simulate.py for the cost curve",
-            "runs": [simulate.compare(reqs, limits, sb) for sb in args.sim_saturation],
+            "runs": [simulate.compare(reqs, limits, sb, refill_at=args.refill_at) for sb in args.sim_saturation],
         }
         for r in report["simulated"]["runs"]:
             _progress(f"  simulated, saturation batch {r['saturation_batch']}: " + ", ".join(
@@ -190,7 +190,8 @@ def engine_settings(args: argparse.Namespace, policy: str = "continuous"):
 
     return EngineSettings(devices=args.device, max_batch=args.max_batch, max_queue=1_000_000, policy=policy,
                           batch_mode=args.batch_mode, halting=not args.no_halting, dtype=args.dtype,
-                          lockstep_max_delay=args.max_delay, admission=args.admission, compile=args.compile)
+                          lockstep_max_delay=args.max_delay, admission=args.admission, compile=args.compile,
+                          refill_at=args.refill_at)
 
 
 def _poisson_runs(args, loaded, settings, saturated: dict, rate: float, work_for, label: str,
@@ -286,6 +287,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay", type=float, default=0.010, help="lock-step batcher's max queue delay (s)")
     p.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
+    p.add_argument("--refill-at", type=float, default=Settings().refill_at,
+                   help="continuous batching, saturated: admit once the running images are down to this fraction of "
+                        "the batch (ALIT_REFILL_AT)")
     p.add_argument("--admission", default="max_batch", choices=["max_batch", "measured"],
                    help="continuous batching's in-flight limit: max_batch, or the knee of a cost curve "
                         "measured at warm-up")

@@ -133,10 +133,10 @@ def _latency(latencies: list[float], clock: VirtualClock, arrived: float, _futur
 
 
 def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limits: Limits,
-             costs: SimCosts, max_batch: int, lockstep_max_delay: float = 0.010) -> dict:
+             costs: SimCosts, max_batch: int, lockstep_max_delay: float = 0.010, refill_at: float = 1.0) -> dict:
     clock = VirtualClock()
     device = SimulatedDevice(costs, clock, limits)
-    policy = make_policy(policy_name, max_batch, lockstep_max_delay)
+    policy = make_policy(policy_name, max_batch, lockstep_max_delay, refill_at)
     policy.calibrate(sim_cost_curve(costs, max_batch).knee())
     sched = Scheduler(device, policy, EngineObserver(), limits, halting=True)  # type: ignore[arg-type]
     pending = collections.deque(sorted(zip(arrivals, range(len(reqs)))))
@@ -159,7 +159,7 @@ def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limit
         if not queue and not sched.holding:
             clock.now = pending[0][0]
             continue
-        cap = sched.to_take()
+        cap = sched.to_take(len(queue))
         if cap and policy.fill_wait and not sched.holding:  # a batcher waits (virtually) to fill
             fill_by = clock.now + policy.fill_wait
             while len(queue) < cap and pending and pending[0][0] <= fill_by:
@@ -171,7 +171,7 @@ def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limit
         new = [queue.popleft()[1] for _ in range(min(cap, len(queue)))]
         if not new and not sched.holding:
             continue
-        sched.step(new)  # type: ignore[arg-type]
+        sched.step(new, len(queue))  # type: ignore[arg-type]
     lat = np.array(latencies)
     makespan = clock.now - min(arrivals)
     return {"requests": len(reqs), "makespan_s": makespan, "throughput": len(reqs) / makespan,
@@ -185,14 +185,14 @@ def sim_cost_curve(costs: SimCosts, max_batch: int) -> CostCurve:
 
 
 def compare(reqs: list[Request], limits: Limits, saturation: int, n_poisson: int = 2000,
-            load: float = 0.7, strategies=("reference", "lockstep", "continuous")) -> dict:
+            load: float = 0.7, strategies=("reference", "lockstep", "continuous"), refill_at: float = 1.0) -> dict:
     """Saturation throughput per strategy, then p50/p99 at `load` x lock-step's saturation."""
     costs = SimCosts(saturation=saturation)
     out: dict = {"saturation_batch": saturation, "max_batch": saturation,
                  "costs_ms": {"prepare": costs.prepare_s * 1e3, "iteration": costs.iteration_s * 1e3}}
     for name in strategies:
         n = len(reqs) if name != "reference" else min(len(reqs), 200)
-        sat = simulate(name, reqs[:n], [0.0] * n, limits, costs, saturation)
+        sat = simulate(name, reqs[:n], [0.0] * n, limits, costs, saturation, refill_at=refill_at)
         out[name] = {"saturation_throughput": sat["throughput"]}
     rate = load * out["lockstep"]["saturation_throughput"]
     arrivals = poisson(rate, n_poisson, seed=3)
@@ -201,7 +201,7 @@ def compare(reqs: list[Request], limits: Limits, saturation: int, n_poisson: int
         if out[name]["saturation_throughput"] <= rate:
             out[name]["overloaded_at_70pct"] = True
             continue
-        r = simulate(name, work, arrivals, limits, costs, saturation)
+        r = simulate(name, work, arrivals, limits, costs, saturation, refill_at=refill_at)
         out[name]["p50_at_70pct_lockstep_load"] = r["p50_s"]
         out[name]["p99_at_70pct_lockstep_load"] = r["p99_s"]
     return out

@@ -184,11 +184,15 @@ def tokenize_dataset(src: str | os.PathLike, out: str | os.PathLike, *, model: s
         if not units:
             facts: dict[str, Any] = {}
         elif ray:
-            from .ray_run import run_ray
+            from .ray_run import RayResources, run_ray
 
-            facts = run_ray(ray if isinstance(ray, str) else None, plan, units, sink, devices, ray_actors,
-                            ray_cpus_per_actor, ray_batch_size, decode_threads or _default_decode_threads(), cache,
-                            cache_options)
+            try:
+                facts = run_ray(ray if isinstance(ray, str) else None, plan, units, sink, devices, ray_actors,
+                                ray_cpus_per_actor, ray_batch_size, decode_threads or _default_decode_threads(), cache,
+                                cache_options)
+            except RayResources as e:
+                status = "refused"
+                raise BulkError(str(e)) from None
         else:
             from .local import run_local
 
@@ -196,6 +200,8 @@ def tokenize_dataset(src: str | os.PathLike, out: str | os.PathLike, *, model: s
                               cache, cache_options)
     except KeyboardInterrupt:
         status = "interrupted"
+        raise
+    except BulkError:  # refused before any image ran (e.g. a Ray pool that cannot fit)
         raise
     except Exception as e:
         status, failure = "failed", f"{type(e).__name__}: {e}"

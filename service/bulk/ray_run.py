@@ -107,6 +107,24 @@ class TokenizeActor:
             tok.close()
 
 
+class RayResources(ValueError):
+    """The actors asked for cannot run on the cluster beside the read tasks (it would wait forever)."""
+
+
+def check_fits(ray, gpu: bool, actors: int, cpus_per_actor: float) -> None:
+    """Ray starts an actor pool only once all its actors have their resources, and the read tasks need
+    a share of a core besides: a pool that leaves none would wait forever, so refuse it here."""
+    res = ray.cluster_resources()
+    if gpu:
+        if actors > res.get("GPU", 0):
+            raise RayResources(f"--ray-actors {actors} GPU actors, but the cluster has {res.get('GPU', 0):g} GPUs")
+        return
+    cpus = float(res.get("CPU", 0))
+    if actors * cpus_per_actor + READ_CPUS > cpus:
+        raise RayResources(f"--ray-actors {actors} x --ray-cpus-per-actor {cpus_per_actor:g} CPUs plus {READ_CPUS:g} "
+                           f"for reading exceed the cluster's {cpus:g} CPUs; use fewer actors or fewer CPUs each")
+
+
 def cluster_actors(ray, gpu: bool, cpus_per_actor: float) -> int:
     """Default pool size: a GPU actor per GPU; else as many CPU actors as the cluster's cores allow,
     leaving a core for the read tasks when there are several."""
@@ -139,6 +157,7 @@ def run_ray(address: str | None, plan: Plan, units: list[Unit], sink, devices: s
             gpu = devices.strip().lower().startswith("cuda") or (
                 devices.strip().lower() == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
             n = actors or cluster_actors(ray, gpu, cpus_per_actor)
+            check_fits(ray, gpu, n, cpus_per_actor)
             actor_args = {"plan": plan.to_dict(), "devices": "cuda:0" if gpu else "cpu",  # Ray picks the GPU
                           "decode_threads": decode_threads, "threads": None if gpu else max(1, int(cpus_per_actor)),
                           "cache_url": cache_url, "cache_options": cache_options or {}}

@@ -4,7 +4,9 @@ branches on a name.
 
   continuous  this engine: new images join at every iteration boundary, each leaves as soon as its
               target is met; admission bounded by what buys throughput (see `CostCurve`); their
-              VQGAN encodes batched ahead (`to_take`);
+              VQGAN encodes batched ahead (`to_take`). Saturated (a full batch or more waiting), it
+              refills in cohorts instead (`refill_at`): a step whose images sit at fewer distinct
+              iterations costs less for the same work;
   lockstep    request-level dynamic batching, as a Triton-style batcher: a batch forms (max size,
               max delay) and runs until its last image is done; nothing joins meanwhile;
   reference   one image at a time, every iteration decoded to pixels, the target applied after
@@ -26,14 +28,16 @@ class Policy:
     measure_every_iteration: ClassVar[bool] = False  # decode pixels even where the target needs none
     runs_to_cap: ClassVar[bool] = False  # keep iterating after the target is met
 
-    def capacity(self, active: int) -> int:
-        """Images that may start iterating now, with `active` images running."""
+    def capacity(self, active: int, backlog: int = 0) -> int:
+        """Images that may start iterating now, with `active` images running and `backlog` waiting
+        (encoded, or still in the queue)."""
         return max(0, self.max_batch - active)
 
-    def to_take(self, active: int, ready: int) -> int:
+    def to_take(self, active: int, ready: int, waiting: int = 0) -> int:
         """Waiting images to take from the queue now (encoded at once, in one call), with `active`
-        images running and `ready` encoded ones waiting for a slot: by default just what fills the slots."""
-        return max(0, self.capacity(active) - ready)
+        images running, `ready` encoded ones waiting for a slot and `waiting` in the queue: by default
+        just what fills the slots."""
+        return max(0, self.capacity(active, ready + waiting) - ready)
 
     def calibrate(self, knee: int) -> None:
         """The measured cost curve's knee (see admission.py); only continuous batching uses it."""
@@ -43,19 +47,28 @@ class Policy:
 class Continuous(Policy):
     name: ClassVar[str] = "continuous"
     in_flight_limit: int | None = None  # from the worker's measured cost curve (admission.py)
+    refill_at: float = 1.0  # saturated: admit once at most this fraction of the limit is running
 
     @property
     def limit(self) -> int:
         return self.max_batch if self.in_flight_limit is None else min(self.max_batch, self.in_flight_limit)
 
-    def capacity(self, active: int) -> int:
+    def capacity(self, active: int, backlog: int = 0) -> int:
+        """Free slots; but while a full batch or more is waiting, none until the running images are
+        down to `refill_at` x the limit, so newcomers arrive as one cohort: the step's images then sit
+        at two or three distinct iterations, not one per step since the oldest began, and a step
+        costs less for the same work (docs/benchmarks.md, "Saturation"). Below that load every free
+        slot is filled at once, which is what keeps latency low."""
+        if backlog >= self.limit and active > self.refill_at * self.limit:
+            return 0
         return max(0, self.limit - active)
 
-    def to_take(self, active: int, ready: int) -> int:
+    def to_take(self, active: int, ready: int, waiting: int = 0) -> int:
         """Encode ahead: once the encoded images cannot fill the free slots, take up to a full batch,
         so the VQGAN encode runs as one large call every few steps instead of a small one every step
         (under light load that is what is waiting, at once: nothing waits for a batch to form)."""
-        return 0 if ready >= self.capacity(active) else max(0, self.limit - ready)
+        free = self.capacity(active, ready + waiting)
+        return 0 if ready >= free else max(0, self.limit - ready)
 
     def calibrate(self, knee: int) -> None:
         self.in_flight_limit = knee
@@ -66,7 +79,7 @@ class Lockstep(Policy):
     name: ClassVar[str] = "lockstep"
     fill_wait: float = 0.010
 
-    def capacity(self, active: int) -> int:
+    def capacity(self, active: int, backlog: int = 0) -> int:
         return 0 if active else self.max_batch
 
 
@@ -76,16 +89,18 @@ class Reference(Policy):
     measure_every_iteration: ClassVar[bool] = True
     runs_to_cap: ClassVar[bool] = True
 
-    def capacity(self, active: int) -> int:
+    def capacity(self, active: int, backlog: int = 0) -> int:
         return 0 if active else 1
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Continuous, Lockstep, Reference)}
 
 
-def make_policy(name: str, max_batch: int, lockstep_max_delay: float = 0.010) -> Policy:
+def make_policy(name: str, max_batch: int, lockstep_max_delay: float = 0.010, refill_at: float = 1.0) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown scheduling policy {name!r} (known: {', '.join(POLICIES)})")
     if name == "lockstep":
         return Lockstep(max_batch=max_batch, fill_wait=lockstep_max_delay)
+    if name == "continuous":
+        return Continuous(max_batch=max_batch, refill_at=refill_at)
     return POLICIES[name](max_batch=max_batch)

@@ -50,9 +50,10 @@ class Scheduler:
         self.step_time = 0.05  # EWMA of step wall time, seconds (for Retry-After estimates)
         self.pixel_decodes = 0
 
-    def to_take(self) -> int:
-        """Jobs to take from the queue now (the policy's `to_take`; its `capacity` is free slots)."""
-        return self.policy.to_take(len(self.active), len(self.ready))
+    def to_take(self, waiting: int = 0) -> int:
+        """Jobs to take from the queue now, with `waiting` there (the policy's `to_take`; its
+        `capacity` is free slots)."""
+        return self.policy.to_take(len(self.active), len(self.ready), waiting)
 
     @property
     def holding(self) -> int:
@@ -60,7 +61,8 @@ class Scheduler:
         return len(self.active) + len(self.ready)
 
     # ----- one step ------------------------------------------------------------------------------------
-    def step(self, new_jobs: list[Job]) -> None:
+    def step(self, new_jobs: list[Job], waiting: int = 0) -> None:
+        """One step over the running images and `new_jobs`; `waiting`: images still in the queue."""
         t0 = time.perf_counter()
         now = time.monotonic()
         new_jobs = [j for j in new_jobs if self._still_wanted(j, now)]
@@ -80,7 +82,7 @@ class Scheduler:
             with torch.inference_mode(), self.runner.precision():
                 if tok_new:
                     self._admit(tok_new)
-                start = self.policy.capacity(len(self.active))
+                start = self.policy.capacity(len(self.active), len(self.ready) + waiting)
                 self.active += self.ready[:start]
                 self.ready = self.ready[start:]
                 stepped = len(self.active)

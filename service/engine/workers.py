@@ -63,6 +63,7 @@ class EngineSettings:
     halting: bool = True  # 2D-token dynamic halting, as the published model runs
     dtype: str = "float32"
     lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill
+    refill_at: float = 1.0  # continuous, saturated: admit once the running images are down to this fraction
     warmup: bool = True
     admission: str = "max_batch"  # max_batch | measured: in flight up to the cost curve's knee (at warm-up)
     compile: bool = False  # torch.compile the model's per-token and VQGAN parts (model/compile.py)
@@ -112,7 +113,7 @@ class Worker(threading.Thread):
         self.device = device
         st = engine.settings
         self.runner = ModelRunner(model, device, st.dtype, st.batch_mode, engine.observer)
-        policy = make_policy(st.policy, st.max_batch, st.lockstep_max_delay)
+        policy = make_policy(st.policy, st.max_batch, st.lockstep_max_delay, st.refill_at)
         self.scheduler = Scheduler(self.runner, policy, engine.observer, engine.limits, halting=st.halting)
         self.warm = False
         self.cost_curve: CostCurve | None = None
@@ -164,7 +165,7 @@ class Worker(threading.Thread):
         q, s = self.engine.queue, self.scheduler
         fill_wait = s.policy.fill_wait
         while not self._stop_event.is_set():
-            cap = s.to_take()
+            cap = s.to_take(len(q))
             idle = not s.holding
             new = q.take(cap, wait=0.05 if idle else 0.0) if cap else []
             if fill_wait and new and idle:  # a request-level batcher waits briefly to fill the batch
@@ -174,7 +175,7 @@ class Worker(threading.Thread):
             if not new and not s.holding:
                 continue
             try:
-                s.step(new)
+                s.step(new, len(q))
                 self.consecutive_failures = 0
             except Exception as e:  # the step's images already failed; keep serving
                 self.consecutive_failures += 1
