@@ -35,7 +35,7 @@ def test_readyz_names_a_failing_workers_last_error_and_recovers():
         worker = client.app.state.svc.default.engine.workers[0]  # type: ignore[attr-defined]
         real_step = worker.scheduler.step
 
-        def failing_step(new_jobs):
+        def failing_step(new_jobs, waiting=0):
             for j in new_jobs:
                 j.fail(StepFailed("the step failed"))
             raise RuntimeError("simulated: device lost")
@@ -50,6 +50,13 @@ def test_readyz_names_a_failing_workers_last_error_and_recovers():
             err = r.json()["error"]
             assert err["code"] == "unhealthy"
             assert "last error: RuntimeError: simulated: device lost" in err["message"], err
+            # a step that raises before it touched its images (a bug): they are answered, not lost
+            def broken_step(new_jobs, waiting=0):
+                raise TypeError("simulated: a bug before any image")
+
+            worker.scheduler.step = broken_step
+            r = client.post("/v1/reconstruct", json=ids)
+            assert r.status_code == 500 and "a bug before any image" in r.text, r.text
         finally:
             worker.scheduler.step = real_step
         assert client.post("/v1/reconstruct", json=ids).status_code == 200  # a good step resets it

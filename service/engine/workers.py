@@ -24,7 +24,7 @@ import torch
 from ..model.checkpoint import LoadedModel
 from ..model.compile import compile_model, warm_batch_sizes
 from .admission import CostCurve, measure_cost_curve
-from .errors import EngineError, EngineStopped, EngineUnavailable, QueueFull
+from .errors import EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
 from .policies import make_policy
@@ -177,10 +177,14 @@ class Worker(threading.Thread):
             try:
                 s.step(new, len(q))
                 self.consecutive_failures = 0
-            except Exception as e:  # the step's images already failed; keep serving
+            except Exception as e:  # the step failed its images (those it got to); keep serving
                 self.consecutive_failures += 1
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.exception("step failed on %s", self.device)
+                lost = StepFailed(f"inference step failed on {self.device}: {self.last_error}")
+                for j in new:  # taken from the queue but never reached: answered, never lost
+                    if not j.future.done():
+                        j.fail(lost)
             self.engine.observer.worker_health(self.device, self.healthy)
 
 
