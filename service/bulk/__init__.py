@@ -162,11 +162,12 @@ def tokenize_dataset(src: str | os.PathLike, out: str | os.PathLike, *, model: s
         raise BulkError(str(e)) from None
 
     units = [replace(u, max_bytes=plan.max_image_bytes) for u in source.units(done)]
+    decode_threads = decode_threads or _default_decode_threads()
     total = source.total()
     remaining = None if total is None else max(0, total - len(prior))
     run: dict[str, Any] = {
         "started_at": started, "mode": "ray" if ray else "local", "devices": devices, "window": None if ray else window,
-        "decode_threads": decode_threads or _default_decode_threads(), "shard_rows": shard_rows,
+        "decode_threads": decode_threads, "shard_rows": shard_rows,
         "resumed": resume and bool(prior),
         "cache": _redact(cache) if cache else None,
     }
@@ -188,7 +189,7 @@ def tokenize_dataset(src: str | os.PathLike, out: str | os.PathLike, *, model: s
 
             try:
                 facts = run_ray(ray if isinstance(ray, str) else None, plan, units, sink, devices, ray_actors,
-                                ray_cpus_per_actor, ray_batch_size, decode_threads or _default_decode_threads(), cache,
+                                ray_cpus_per_actor, ray_batch_size, decode_threads, cache,
                                 cache_options)
             except RayResources as e:
                 status = "refused"
@@ -196,7 +197,7 @@ def tokenize_dataset(src: str | os.PathLike, out: str | os.PathLike, *, model: s
         else:
             from .local import run_local
 
-            facts = run_local(loaded, plan, units, sink, devices, window, decode_threads or _default_decode_threads(),
+            facts = run_local(loaded, plan, units, sink, devices, window, decode_threads,
                               cache, cache_options)
     except KeyboardInterrupt:
         status = "interrupted"

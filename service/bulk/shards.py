@@ -61,8 +61,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def shard_paths(out: Path) -> list[Path]:
-    return sorted((p for p in out.iterdir() if SHARD.fullmatch(p.name)), key=lambda p: int(SHARD.fullmatch(
-        p.name).group(1)))  # type: ignore[union-attr]
+    """OUT's shards in the order they were written (by number)."""
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := SHARD.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def ours(path: Path) -> bool:
