@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 K8S_OVERLAY ?= cpu
 
-.PHONY: setup system-deps serve lint test verify bench bench-triton bench-http triton loadtest reliability train clean lock k8s hadolint
+.PHONY: setup system-deps serve lint test verify bench bench-triton bench-http triton loadtest reliability train clean lock k8s hadolint corpus
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,11 @@ serve: setup
 # What the tests run for real besides Python: Debian's prometheus (dashboard test), docker-compose
 # (compose validation) and chromium (demo page), and playwright-core from npm (drives chromium; no
 # browser download). Installed when missing and possible (root + apt-get, npm); else those tests skip loudly.
+# Also mypaint-data-extras (2.9 MB of CC0 paper textures): tests/test_corpus.py builds a corpus from it.
 system-deps:
 	@need=""; \
 	for tool in prometheus docker-compose chromium; do command -v $$tool >/dev/null || need="$$need $$tool"; done; \
+	dpkg-query -W -f='$${Status}' mypaint-data-extras 2>/dev/null | grep -q ' installed$$' || need="$$need mypaint-data-extras"; \
 	if [ -z "$$need" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need; \
@@ -66,6 +68,19 @@ reliability: setup
 train: setup
 	$(PIP) install -q -c $(CONSTRAINTS) scikit-image scikit-learn
 	OMP_NUM_THREADS=1 $(PY) -m service.training train --run runs/default --export service/weights
+
+# The training corpus (docs/training.md, "Corpus"): photographs and textures from the Debian packages in
+# service/training/corpus.py's DEFAULT, apt-get installed when missing (root; else says what to install),
+# then cached in runs/corpus (a re-run with nothing changed rebuilds nothing).
+corpus: setup
+	@need=""; \
+	for pkg in $$($(PY) -c 'from service.training.corpus import DEFAULT; print(*DEFAULT)'); do \
+	  dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q ' installed$$' || need="$$need $$pkg"; done; \
+	if [ -z "$$need" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need; \
+	else echo "corpus: missing Debian packages:$$need; install them with: sudo apt-get install$$need"; exit 1; fi
+	$(PY) -m service.training corpus --out runs/corpus
 
 # The engine benchmark as docs/benchmarks.md reports it: --quick runs, 3 rounds, medians (about 5 minutes
 # on 2 CPU cores). Run it on an otherwise idle machine.

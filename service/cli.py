@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("triton", help="run a local tritonserver (nvidia-pytriton wheel) on model_repository/")
     sub.add_parser("loadtest", help="Locust load steps against a local service or --url; writes a report")
     sub.add_parser("train", help="train the default model (stage 1 VQGAN, stage 2 latent distillation, ...)")
+    sub.add_parser("gpu-job", help="the whole training job (data, VQGAN, distillation, export, evaluation) in "
+                   "--budget-minutes, on a GPU when torch sees one")
     sub.add_parser("evaluate", help="per-iteration L1/PSNR on a folder of images, and a picture")
 
     b = sub.add_parser("bench",
@@ -211,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         from .triton_launcher import main as triton_main
 
         return triton_main(argv[1:])
-    if argv[:1] in (["train"], ["evaluate"]):  # the training package parses its own options
+    from .training import COMMANDS as TRAINING_COMMANDS
+
+    if argv[:1] and argv[0] in TRAINING_COMMANDS:  # the training package parses its own options
         from .training import main as training_main
 
         return training_main(argv)

@@ -20,6 +20,17 @@ def _row(vals, fmt="{:.4f}") -> str:
     return " | ".join(fmt.format(v) for v in vals)
 
 
+def corpus_lines(corpus: str | None) -> list[str]:
+    """The Debian-package corpus's licences, when the run used one (`--corpus`)."""
+    if not corpus:
+        return []
+    from .corpus import licence_lines
+
+    return ["", f"Plus crops of the photographs and textures of the corpus `{Path(corpus).name}` "
+            "(`python -m service.training corpus`, docs/training.md), from Debian packages:", "",
+            *licence_lines(corpus)]
+
+
 def model_card(loaded, recipe, metrics: dict, command: str, out: Path) -> str:
     c = loaded.config
     n_params = sum(t.numel() for t in loaded.model.state_dict().values())
@@ -27,15 +38,18 @@ def model_card(loaded, recipe, metrics: dict, command: str, out: Path) -> str:
     k = metrics["checks"]
     times = metrics.get("wall_seconds", {})
     total = sum(times.values())
+    on_what = metrics.get("device", "cpu").replace("cpu", "one CPU core" if metrics.get("threads") == 1 else "CPU")
+    if metrics.get("bf16"):
+        on_what += ", bfloat16 autocast"
     tokens = [c.tokens_per_iter * (i + 1) for i in range(c.max_iters)]
     l1 = h["mean_l1"]
     lines = [
-        "# alit-serve default model (trained on CPU, demos and tests only)",
+        f"# alit-serve default model (trained on {on_what}, demos and tests only)",
         "",
-        "A small ALIT (adaptive-length image tokenizer) trained from scratch on this project's CPU recipe",
+        "A small ALIT (adaptive-length image tokenizer) trained from scratch with this project's recipe",
         "(`service/training/`, `docs/training.md`). **Intended use: demos, tests, and showing the",
         "system's behaviour (simple images get fewer tokens) without a download. Not production",
-        "quality**: 64 px images, a tiny VQGAN, minutes of training on one CPU core. A published ALIT",
+        f"quality**: {c.img_size} px images, a small VQGAN, minutes of training on {on_what}. A published ALIT",
         "checkpoint replaces it through configuration (`ALIT_MODEL=/path/to/checkpoint`).",
         "",
         "| field | value |",
@@ -56,10 +70,10 @@ def model_card(loaded, recipe, metrics: dict, command: str, out: Path) -> str:
         "",
         "```bash",
         ".venv/bin/pip install scikit-image scikit-learn   # training data only",
-        f"OMP_NUM_THREADS=1 .venv/bin/{command}",
+        ("OMP_NUM_THREADS=1 " if metrics.get("device", "cpu") == "cpu" else "") + f".venv/bin/{command}",
         "```",
         "",
-        f"Wall time on the build machine ({platform.machine()}, 1 CPU thread, torch {torch.__version__}): "
+        f"Wall time on the build machine ({platform.machine()}, {on_what}, torch {torch.__version__}): "
         f"**{total / 60:.1f} min** in all ("
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + "). "
         "Seeded and resumable: re-running the command resumes from the checkpoints in `--run`.",
@@ -68,13 +82,13 @@ def model_card(loaded, recipe, metrics: dict, command: str, out: Path) -> str:
         "",
         "Training: random crops (log-uniform scale, random position, horizontal flips, tints for grey",
         f"images, mild colour jitter) of {len(SOURCES)} sample images that ship inside the scikit-image",
-        "and scikit-learn packages, resized to 64 px (PIL bicubic), plus 4 % synthetic flat-colour and",
+        f"and scikit-learn packages, resized to {c.img_size} px (PIL bicubic), plus 4 % synthetic flat-colour and",
         "linear-gradient images. Nothing downloaded. The 7 photos of",
         "`tests/fixtures/alit-reference/images/` are held out entirely (evaluation only).",
         "",
         "| package | file | licence |",
         "|---|---|---|",
-    ] + [f"| {p} | {f} | {lic} |" for p, f, lic in SOURCES] + [
+    ] + [f"| {p} | {f} | {lic} |" for p, f, lic in SOURCES] + corpus_lines(metrics.get("corpus")) + [
         "",
         "The model weights are a derived work of these images; treat them as usable for demos and tests.",
         "",

@@ -23,6 +23,59 @@ def setup_threads(threads: int | None) -> None:
             torch.set_num_interop_threads(1)
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` (the first CUDA device when torch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N)")
+    return dev
+
+
+def use_bf16(device: torch.device, amp: str = "auto") -> bool:
+    """Whether training runs under bfloat16 autocast: `auto` = on CUDA only (on this project's CPUs
+    bfloat16 was slower than float32, docs/training.md), `on`, `off`."""
+    if amp not in ("auto", "on", "off"):
+        raise ValueError(f"amp must be auto, on or off, not {amp!r}")
+    return amp == "on" or (amp == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast for the forward pass; float32 (no autocast) when not enabled. Losses,
+    softmax and norms stay float32 under autocast; the vector-quantiser distances opt out (`exact`)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def exact(t: torch.Tensor):
+    """A block computed in float32 even inside bfloat16 autocast (nearest-code searches: a bfloat16
+    distance picks a different code too often); use `with exact(x):` and `.float()` the inputs."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def on(device: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """Move a tensor drawn from a CPU generator to `device`. Every random draw in training comes
+    from seeded CPU generators, so a seed gives the same draws on every device."""
+    return t.to(device, non_blocking=True)
+
+
+def to_cpu(state):
+    """A state (nested dicts / lists of tensors, as state_dict() returns) with every tensor on the
+    CPU, so a checkpoint resumes on either device."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state
+
+
 def seed_all(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
@@ -44,10 +97,12 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def save_state(path: Path, **state) -> None:
-    """Atomic torch.save of a dict of tensors / plain values (weights_only-loadable)."""
+    """Atomic torch.save of a dict of tensors / plain values (weights_only-loadable), every tensor
+    on the CPU: a checkpoint written on a GPU resumes on a CPU and the other way round (the module
+    and optimiser copy the loaded values onto their own device)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save(to_cpu(state), tmp)
     tmp.replace(path)
 
 

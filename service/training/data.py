@@ -5,6 +5,9 @@ bundled with scikit-image and scikit-learn, plus a few synthetic flat and gradie
 to the model size with PIL bicubic. Everything is drawn from one seeded numpy generator, so a seed
 gives the same pool on every machine.
 
+With a corpus directory (`service/training/corpus.py`, built from Debian packages' photographs and
+textures), its images are added to those sources; without one the pool is unchanged.
+
 Held-out evaluation: the 7 photos of `tests/fixtures/alit-reference/images/` (never trained on),
 preprocessed by the service's own `service.imaging` (shorter side to the model size, bicubic,
 centre crop, [0, 1]), and deterministic crops of them chosen to span flat regions to dense texture (PNG size).
@@ -12,6 +15,7 @@ centre crop, [0, 1]), and deterministic crops of them chosen to span flat region
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,16 +72,34 @@ def source_path(package: str, name: str) -> Path:
     raise ValueError(package)
 
 
-def load_sources() -> list[tuple[str, np.ndarray, bool]]:
-    """(name, HxWx3 uint8, was_grey) for every training source."""
+def _decode(im: Image.Image) -> tuple[np.ndarray, bool]:
+    grey = im.mode in ("L", "LA", "I", "I;16", "1")
+    if im.mode in ("RGBA", "LA"):
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im.convert("RGBA"))
+    return np.asarray(im.convert("RGB")), grey
+
+
+def load_sources(corpus: str | Path | None = None) -> list[tuple[str, np.ndarray, bool]]:
+    """(name, HxWx3 uint8, was_grey) for every training source: the sample images of `SOURCES`, then,
+    with `corpus` (a directory built by `service.training.corpus`), every image its corpus.json
+    lists, in that order, as `corpus:<package>/<file>`. A listed file that is missing or changed
+    (sha256) is an error: rebuild the corpus."""
     out = []
     for pkg, name, _ in SOURCES:
-        im: Image.Image = Image.open(source_path(pkg, name))
-        grey = im.mode in ("L", "LA", "I", "I;16", "1")
-        if im.mode in ("RGBA", "LA"):
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im.convert("RGBA"))
-        out.append((name, np.asarray(im.convert("RGB")), grey))
+        arr, grey = _decode(Image.open(source_path(pkg, name)))
+        out.append((name, arr, grey))
+    if corpus is not None:
+        from .corpus import load_manifest
+
+        for f in load_manifest(corpus)["files"]:
+            path = Path(corpus) / f["file"]
+            data = path.read_bytes() if path.is_file() else b""
+            if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                raise FileNotFoundError(f"{path} is missing or changed since corpus.json was written: rebuild "
+                                        f"with `python -m service.training corpus --out {corpus}`")
+            arr, grey = _decode(Image.open(io.BytesIO(data)))
+            out.append((f"corpus:{f['file'].removeprefix('images/')}", arr, grey))
     return out
 
 
@@ -86,10 +108,12 @@ def _resize(arr: np.ndarray, size: int) -> np.ndarray:
     return preprocess(Image.fromarray(arr), size)
 
 
-def make_pool(n: int, size: int, seed: int, synthetic: float = 0.04) -> np.ndarray:
-    """n training crops (n, size, size, 3) uint8, deterministic for a seed."""
+def make_pool(n: int, size: int, seed: int, synthetic: float = 0.04, corpus: Path | None = None) -> np.ndarray:
+    """n training crops (n, size, size, 3) uint8, deterministic for a seed (and corpus). Without a
+    corpus the pool is the shipped model's, bit for bit; with one, its images are extra sources
+    drawn like the others (probability proportional to sqrt(area))."""
     rng = np.random.default_rng(seed)
-    sources = load_sources()
+    sources = load_sources(corpus)
     areas = np.array([a.shape[0] * a.shape[1] for _, a, _ in sources], dtype=np.float64)
     weights = np.sqrt(areas)
     weights /= weights.sum()
@@ -125,13 +149,15 @@ def make_pool(n: int, size: int, seed: int, synthetic: float = 0.04) -> np.ndarr
     return out
 
 
-def pool_cached(path: Path, n: int, size: int, seed: int) -> np.ndarray:
+def pool_cached(path: Path, n: int, size: int, seed: int, corpus: Path | None = None) -> np.ndarray:
+    """make_pool's result cached at `path` (.npy). The file is reused whenever its shape matches:
+    the caller names it after everything else that makes the pool (seed, corpus)."""
     path = Path(path)
     if path.is_file():
         arr = np.load(path)
         if arr.shape == (n, size, size, 3):
             return arr
-    arr = make_pool(n, size, seed)
+    arr = make_pool(n, size, seed, corpus=corpus)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, arr)

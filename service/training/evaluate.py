@@ -33,14 +33,16 @@ def load_images(folder: str | Path, size: int) -> tuple[list[str], torch.Tensor]
 @torch.no_grad()
 def per_iteration(model: ALIT, images: torch.Tensor, halting: bool = True, batch: int = 16,
                   keep_recons: bool = False):
-    """-> (l1 (N, iters), psnr (N, iters), recons (N, iters, 3, H, W) or None)."""
+    """-> (l1 (N, iters), psnr (N, iters), recons (N, iters, 3, H, W) or None), on the CPU; the model
+    runs on its own device."""
+    device = model.vqgan.codebook.device
     l1s, psnrs, recs = [], [], []
     for i in range(0, len(images), batch):
-        rows = list(iterate_and_measure(model, images[i : i + batch], halting=halting))
-        l1s.append(torch.stack([r.l1 for r in rows], 1))
-        psnrs.append(torch.stack([r.psnr for r in rows], 1))
+        rows = list(iterate_and_measure(model, images[i : i + batch].to(device), halting=halting))
+        l1s.append(torch.stack([r.l1 for r in rows], 1).cpu())
+        psnrs.append(torch.stack([r.psnr for r in rows], 1).cpu())
         if keep_recons:
-            recs.append(torch.stack([r.recon.clamp(0, 1) for r in rows], 1))
+            recs.append(torch.stack([r.recon.clamp(0, 1) for r in rows], 1).cpu())
     return torch.cat(l1s), torch.cat(psnrs), (torch.cat(recs) if keep_recons else None)
 
 
@@ -48,9 +50,10 @@ def per_iteration(model: ALIT, images: torch.Tensor, halting: bool = True, batch
 def vqgan_l1(model: ALIT, images: torch.Tensor) -> torch.Tensor:
     """The base VQGAN's own per-image L1 (nearest codes -> decoder): the quality ceiling."""
     vq = model.vqgan
+    images = images.to(vq.codebook.device)
     z, idx = vq.encode(images)
     q = vq.codebook[idx].view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
-    return (vq.decode(q) - images).abs().flatten(1).mean(1)
+    return (vq.decode(q) - images).abs().flatten(1).mean(1).cpu()
 
 
 def spearman(a, b) -> float:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.alit import ALIT
+from .common import exact, on
 
 
 @dataclass
@@ -36,9 +37,10 @@ class IterationOutput:
 
 def quantize_st(model: ALIT, prequant: torch.Tensor, beta: float = 0.25):
     """Straight-through 1D VQ on L2-normalised vectors (the serving quantiser's nearest code)."""
-    z = F.normalize(prequant, dim=-1)
-    e = model.quantize.codes()
-    d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()
+    z = F.normalize(prequant.float(), dim=-1)
+    e = model.quantize.codes().float()
+    with exact(z):  # the nearest-code search in float32 also under bfloat16 autocast
+        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()
     ids = d.argmin(-1)
     q = e[ids]
     vq_loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
@@ -100,7 +102,7 @@ def unroll(
         if halting:
             with torch.no_grad():
                 p = logits.float().softmax(-1).gather(-1, gt[..., None])[..., 0]
-                u = torch.rand(p.shape, generator=gen, device=p.device)
+                u = on(p.device, torch.rand(p.shape, generator=gen))  # a CPU draw: the same on every device
                 masked = (u < p) & (p >= thr)
             img = torch.where(masked[..., None], mask_tok.expand(b, -1, -1), x[:, 1:g1])
             x = torch.cat([x[:, :1], img, x[:, g1:]], dim=1)

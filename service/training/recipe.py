@@ -21,6 +21,26 @@ DEFAULT_CONFIG = ALITConfig(
 )
 
 
+# The model the GPU job trains (`python -m service.training gpu-job`): 128 px, a deeper VQGAN with a
+# 1024-code book (8x down to the same 16x16 grid), a 256-wide transformer. Sized for what about ten
+# minutes of one H100/H200 can train; docs/training.md ("Sizing the GPU model") has the CPU probes
+# behind the choice.
+GPU_VQGAN = VQGANConfig(
+    ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=2, z_channels=32, embed_dim=32, resolution=128,
+    n_embed=1024, num_groups=32,
+)
+
+GPU_CONFIG = ALITConfig(
+    img_size=128, patch_size=8,
+    encoder_width=256, encoder_layers=4, encoder_heads=4,
+    decoder_width=256, decoder_layers=4, decoder_heads=4,
+    mlp_ratio=4.0, vq_codebook_size=1024, vq_token_dim=12, tokens_per_iter=32, max_iters=8,
+    decoder_max_latent_tokens=256, halting_threshold=0.55, vqgan=GPU_VQGAN,
+)
+
+CONFIGS = {"default": DEFAULT_CONFIG, "gpu128": GPU_CONFIG}
+
+
 @dataclass
 class Recipe:
     seed: int = 0

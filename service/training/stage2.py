@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model.alit import ALIT
-from .common import Log, lr_at, resume, save_state, seed_all, set_lr
+from .common import Log, autocast, lr_at, on, resume, save_state, seed_all, set_lr
 from .data import to_tensor
 from .forward import soft_code_grid, unroll
 from .stage1 import step_generator
@@ -51,6 +51,7 @@ class Stage2Params:
     warmup: int = 100
     p_full: float = 0.5
     pix_weight: float = 4.0
+    pix_all: bool = False  # the pixel L1 at every unrolled iteration, not one sampled iteration
     code_weight: float = 1.0
     structured_init: bool = True
     ce_weight: float = 1.0
@@ -178,11 +179,12 @@ def init_for_training(model: ALIT, seed: int, structured: bool = True) -> None:
 
 
 def fill_codebook(model: ALIT, prequant: torch.Tensor, gen: torch.Generator) -> None:
-    z = F.normalize(prequant.detach().reshape(-1, prequant.shape[-1]), dim=-1)
+    z = F.normalize(prequant.detach().float().reshape(-1, prequant.shape[-1]), dim=-1)
     v = model.quantize.embedding.weight.shape[0]
-    pick = torch.randint(len(z), (v,), generator=gen)
+    pick = on(z.device, torch.randint(len(z), (v,), generator=gen))
     with torch.no_grad():
-        model.quantize.embedding.weight.copy_(z[pick] + 0.02 * torch.randn(v, z.shape[1], generator=gen))
+        noise = on(z.device, torch.randn(v, z.shape[1], generator=gen))
+        model.quantize.embedding.weight.copy_(z[pick] + 0.02 * noise)
 
 
 def trainable_parameters(model: ALIT) -> list[nn.Parameter]:
@@ -193,6 +195,7 @@ def trainable_parameters(model: ALIT) -> list[nn.Parameter]:
 def per_iteration_l1(model: ALIT, images: torch.Tensor, halting: bool = True, quantize: bool = True) -> list[float]:
     """Mean held-out L1 after each iteration, through the differentiable path run without grad."""
     model.eval()
+    images = images.to(model.vqgan.codebook.device)
     z, gt = model.vqgan.encode(images)
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -205,10 +208,17 @@ def per_iteration_l1(model: ALIT, images: torch.Tensor, halting: bool = True, qu
 def train_latents(
     run_dir: Path, model: ALIT, pool: np.ndarray, P: Stage2Params, *, seed: int,
     eval_images: torch.Tensor | None = None, quiet: bool = False,
+    device: torch.device | str = "cpu", bf16: bool = False,
 ) -> ALIT:
+    """Train (or resume) phase `P` on `device`, the forward under bfloat16 autocast when `bf16`.
+    Returns the model in eval mode, on `device`."""
     run_dir = Path(run_dir)
+    device = torch.device(device)
     ckpt = run_dir / f"{P.name}.pt"
     seed_all(seed)
+    if P.init and not ckpt.is_file():  # initialised on the CPU (its draws are CPU draws), then moved
+        init_for_training(model.cpu(), seed, P.structured_init)
+    model.to(device)
     vq = model.vqgan
     vq.eval()
     for p in vq.parameters():
@@ -220,9 +230,7 @@ def train_latents(
         [{"params": decay, "weight_decay": P.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=P.lr, betas=(0.9, 0.99),
     )
-    start, state = resume(ckpt, model, opt)
-    if state is None and P.init:
-        init_for_training(model, seed, P.structured_init)
+    start, _ = resume(ckpt, model, opt)
     cb = vq.codebook.detach()
     cb_var = cb.var(0).sum()
     log = Log(run_dir / f"{P.name}.log.jsonl", P.steps, P.name, start, quiet)
@@ -238,13 +246,13 @@ def train_latents(
             full = torch.rand((), generator=gen) < P.p_full
             K = model.cfg.max_iters if full else int(torch.randint(1, model.cfg.max_iters, (), generator=gen))
             batch = P.b_batch
-        x = to_tensor(pool[torch.randint(n, (batch,), generator=gen).numpy()])
-        with torch.no_grad():
+        x = on(device, to_tensor(pool[torch.randint(n, (batch,), generator=gen).numpy()]))
+        with torch.no_grad():  # float32: the ground-truth codes are a nearest-code search
             z, gt = vq.encode(x)
         quantize = not phase_a
         if step == P.a_steps and P.a_steps > 0:
             # switch the 1D quantiser on: codebook from the current latents
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, bf16):
                 outs = list(unroll(model, x, z, gt, model.cfg.max_iters, quantize=False, halting=False, gen=gen))
             fill_codebook(model, torch.cat([o.prequant.reshape(-1, o.prequant.shape[-1]) for o in outs]), gen)
         set_lr(opt, lr_at(step, P.steps, P.lr, P.warmup))
@@ -252,53 +260,56 @@ def train_latents(
         pix_k = int(torch.randint(K, (), generator=gen))
         half = max(1, batch // 2)
         tgt = cb[gt]
-        ce_t = code_t = vq_t = pix_t = 0.0
-        loss = torch.zeros(())
+        ce_t = code_t = vq_t = pix_t = torch.zeros((), device=device)
+        loss = torch.zeros((), device=device)
         usage = []
-        for k, o in enumerate(unroll(model, x, z, gt, K, quantize=quantize, halting=True, gen=gen)):
-            ce = F.cross_entropy(o.logits.reshape(-1, o.logits.shape[-1]), gt.reshape(-1))
-            soft = o.logits.softmax(-1) @ cb
-            code = (soft - tgt).pow(2).sum(-1).mean() / cb_var
-            term = P.ce_weight * ce + P.code_weight * code + o.vq_loss
-            if k == pix_k:
-                rec = vq.decode(soft_code_grid(model, o.logits[:half]))
-                pix = (rec - x[:half]).abs().mean()
-                term = term + P.pix_weight * pix
-                pix_t = pix.item()
-            if P.combine == "mean":
-                w = 1.0 / K
-            elif P.combine == "sum":
-                w = 1.0 / model.cfg.max_iters
-            else:  # "ramp": weight k + 2, normalised over the unrolled iterations
-                w = (k + 2) / sum(j + 2 for j in range(K))
-            loss = loss + w * term
-            ce_t += ce.item() / K
-            code_t += code.item() / K
-            vq_t += float(o.vq_loss.detach()) / K
-            if o.ids is not None:
-                usage.append(o.ids.reshape(-1))
+        with autocast(device, bf16):
+            for k, o in enumerate(unroll(model, x, z, gt, K, quantize=quantize, halting=True, gen=gen)):
+                logits = o.logits.float()
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gt.reshape(-1))
+                soft = logits.softmax(-1) @ cb
+                code = (soft - tgt).pow(2).sum(-1).mean() / cb_var
+                term = P.ce_weight * ce + P.code_weight * code + o.vq_loss
+                if k == pix_k or P.pix_all:
+                    rec = vq.decode(soft_code_grid(model, o.logits[:half])).float()
+                    pix = (rec - x[:half]).abs().mean()
+                    term = term + P.pix_weight * pix
+                    pix_t = pix.detach() if not P.pix_all else pix_t + pix.detach() / K
+                if P.combine == "mean":
+                    w = 1.0 / K
+                elif P.combine == "sum":
+                    w = 1.0 / model.cfg.max_iters
+                else:  # "ramp": weight k + 2, normalised over the unrolled iterations
+                    w = (k + 2) / sum(j + 2 for j in range(K))
+                loss = loss + w * term
+                ce_t = ce_t + ce.detach() / K  # tensors: one device sync per step, not three per iteration
+                code_t = code_t + code.detach() / K
+                vq_t = vq_t + o.vq_loss.detach() / K
+                if o.ids is not None:
+                    usage.append(o.ids.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if usage and (step + 1) % 25 == 0:  # re-seed 1D codes this step's batch did not use
-            used = torch.zeros(model.quantize.embedding.weight.shape[0], dtype=torch.bool)
+            used = torch.zeros(model.quantize.embedding.weight.shape[0], dtype=torch.bool, device=device)
             used[torch.cat(usage)] = True
             dead = (~used).nonzero()[:, 0]
             if len(dead) > 0:
                 with torch.no_grad():
-                    zz = F.normalize(o.prequant.detach().reshape(-1, o.prequant.shape[-1]), dim=-1)
-                    pick = torch.randint(len(zz), (len(dead),), generator=gen)
-                    noise = torch.randn(len(dead), zz.shape[1], generator=gen)
+                    zz = F.normalize(o.prequant.detach().float().reshape(-1, o.prequant.shape[-1]), dim=-1)
+                    pick = on(device, torch.randint(len(zz), (len(dead),), generator=gen))
+                    noise = on(device, torch.randn(len(dead), zz.shape[1], generator=gen))
                     model.quantize.embedding.weight[dead] = zz[pick] + 0.02 * noise
-        row: dict[str, Any] = {"step": step + 1, "K": K, "loss": float(loss.detach()), "ce": ce_t, "code": code_t,
-                               "vq": vq_t,
-               "pix": pix_t, "pix_k": pix_k, "gnorm": float(gn)}
+        loss_v, ce_v, code_v, vq_v, pix_v, gn_v = torch.stack(
+            [loss.detach(), ce_t, code_t, vq_t, pix_t, gn.detach().float()]).tolist()
+        row: dict[str, Any] = {"step": step + 1, "K": K, "loss": loss_v, "ce": ce_v, "code": code_v, "vq": vq_v,
+                               "pix": pix_v, "pix_k": pix_k, "gnorm": gn_v}
         if eval_images is not None and ((step + 1) % P.eval_every == 0 or step + 1 == P.steps):
             curve = per_iteration_l1(model, eval_images, halting=True, quantize=not phase_a)
             row["heldout_l1"] = curve
         log.step(step + 1, row,
-                 f"K={K} loss={float(loss.detach()):.3f} ce={ce_t:.3f} code={code_t:.3f} pix={pix_t:.4f}")
+                 f"K={K} loss={loss_v:.3f} ce={ce_v:.3f} code={code_v:.3f} pix={pix_v:.4f}")
         if (step + 1) % P.ckpt_every == 0 or step + 1 == P.steps:
             save_state(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step + 1)
     model.eval()
