@@ -1,41 +1,182 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks (run where a CUDA GPU is present; figures in docs/benchmarks.md):
-#   verify against the reference fixtures in float32 and bfloat16 (ALIT: every batch mode; KARL and
-#   One-D-Piece: their fixtures too);
-#   the engine benchmark with alit_small-sized random weights at 256 px, float32 and bfloat16,
-#   with FLOP utilisation against a measured matmul peak;
-#   families at the same targets: alit_small vs karl_small vs one_d_piece_s256 (random weights, 256 px)
-#   through the engine,
-#   bfloat16 and float32, each capped at FAMILIES_TIMEOUT seconds (default 600).
+# The GPU checks and benchmarks (run where a CUDA GPU is present; figures in docs/benchmarks.md), in
+# order of value: each step runs under its own time cap (`timeout`) and writes its own file in OUT_DIR,
+# and the next step runs whatever the last one did. A summary (step, exit, seconds, file) ends the run
+# and is kept in OUT_DIR/summary.txt.
+#
+# On the GPU machine (python3.12 with torch + CUDA, numpy, pillow, safetensors, pyyaml, scikit-image,
+# scikit-learn, pandas, pyarrow, tqdm, prometheus-client, pytest, matplotlib; no network, and not
+# pydantic-settings and what it needs, which verify and bench import):
+#   here, first:  loadtest/gpu_wheels.sh     # ~3 MB of wheels into .whl/ (git-ignored: send it along)
+#   there:        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#                 loadtest/gpu_checks.sh OUT_DIR [extra bench args...]
+#   (this script runs that install itself when .whl/ is there and pydantic_settings does not import)
+#
+# Time: one device call may run 10 minutes and a lent GPU gives about 15 device-minutes in all, machine
+# start included, so by default the whole run fits one call: BUDGET_S=570 seconds, of which the final
+# training step keeps TRAIN_MINUTES * 60 + TRAIN_SLACK_S (6 min + 45 s; gpu-job sizes itself to
+# TRAIN_MINUTES and this is its cap). Every other step's cap is cut to what is left of the budget before
+# that; a step with less than MIN_STEP_S (30) left is skipped, and says so. With the defaults that is
+# about 2.5 minutes for the GPU's identity, verify and the bfloat16 bench. TRAIN_MINUTES=0 skips training
+# and gives the other steps the whole budget; ONLY="verify bench_bf16 train" (step names) runs just those.
+# In order (each cap an environment variable, the header it prints lists them):
+#   env                    nvidia-smi and torch's view of the GPU
+#   verify                 the reference fixtures on CUDA: ALIT in bfloat16 and float32 (packed, then
+#                          cohort and padded), KARL and One-D-Piece in both
+#   bench_bf16             alit-serve bench --device cuda --model preset:alit_small --quick --flops at 256 px:
+#                          per-stage profile, FLOP utilisation, per-strategy saturation throughput, p50/p99
+#                          at 40 % and 70 % load
+#   speed_bf16             every speed setting (ALIT_CHANNELS_LAST, ALIT_CUDA_GRAPHS) against the default
+#                          on CUDA in bfloat16: the VQGAN stacks' outputs (PASS/FAIL at the dtype's
+#                          tolerance) and ms per image at batch 32, 7 and 1 (`python -m service.model.speed`)
+#   speed_bf16_compile     the same for ALIT_COMPILE=vqgan and all three settings together
+#   bench_bf16_all         the same with --channels-last --compile vqgan --cuda-graphs
+#   bench_float32          the bench in float32
+#   speed_float32          the settings' check in float32 (strict: tolerance 1e-4), compile excepted
+#   bench_bf16_<one>       the bench with each setting alone: cuda_graphs, channels_last, compile_vqgan
+#   profile_steps_bf16     loadtest/profile_steps.py: where a scheduler step's time goes (cProfile), bfloat16
+#   families_<dtype>       alit_small vs karl_small vs one_d_piece_s256 at the same targets, bfloat16 and
+#                          float32 (random weights: the cost columns mean something, tokens / L1 / target met do not)
+#   train                  python -m service.training gpu-job --budget-minutes TRAIN_MINUTES [--corpus
+#                          runs/corpus when carried], into OUT_DIR/train_run and OUT_DIR/train_export
 # Usage: loadtest/gpu_checks.sh OUT_DIR [extra bench args...]
+# PACK_DIR=DIR (e.g. the device call's $OUT, which brings back at most 8 files of 16 MB): at the end,
+# everything but checkpoints and the crop pool as DIR/gpu_checks.tgz, and the trained model directory as
+# DIR/train_export.tar.part-aa, -ab, ... (15 MB pieces; `cat train_export.tar.part-* | tar x` here).
 set -uo pipefail
 out=${1:?output directory}; shift
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
 py=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
-for dtype in float32 bfloat16; do
-  for mode in packed cohort padded; do
-    echo "== verify --device cuda --dtype $dtype --batch-mode $mode"
-    "$py" -m service.cli verify tests/fixtures/alit-reference --device cuda --dtype "$dtype" --batch-mode "$mode"
-    echo "exit $?"
+start=$SECONDS
+budget=${BUDGET_S:-570}
+train_minutes=${TRAIN_MINUTES:-6}
+only=${ONLY:-}
+train_keep=$(( train_minutes > 0 ? train_minutes * 60 + ${TRAIN_SLACK_S:-45} : 0 ))
+min_step=${MIN_STEP_S:-30}
+summary=()
+
+if [[ -d .whl ]] && ! "$py" -c "import pydantic_settings" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+drivers=$(mktemp -d)
+trap 'rm -rf "$drivers"' EXIT
+# every verify in one process (one torch start-up), each run's table and exit code in turn
+cat > "$drivers/verify_all.py" <<'PY'
+import sys
+import traceback
+
+from service.cli import main
+
+runs = [("alit-reference", dtype, "packed") for dtype in ("bfloat16", "float32")]
+runs += [(f, dtype, None) for f in ("karl-reference", "one-d-piece-reference") for dtype in ("bfloat16", "float32")]
+runs += [("alit-reference", dtype, mode) for mode in ("cohort", "padded") for dtype in ("bfloat16", "float32")]
+failed = 0
+for fixture, dtype, mode in runs:
+    argv = ["verify", f"tests/fixtures/{fixture}", "--device", "cuda", "--dtype", dtype]
+    argv += ["--batch-mode", mode] if mode else []
+    print("== " + " ".join(argv), flush=True)
+    try:
+        rc = main(argv)
+    except Exception:
+        traceback.print_exc()
+        rc = 3
+    print(f"exit {rc}", flush=True)
+    failed += rc != 0
+sys.exit(1 if failed else 0)
+PY
+
+plan_only=0
+step() {  # NAME CAP FILE CMD...: CMD under `timeout` with CAP cut to the budget left, output in OUT_DIR/FILE
+  local name=$1 cap=$2 file=$3; shift 3
+  if [[ -n $only && " $only " != *" $name "* ]]; then return 0; fi
+  if (( plan_only )); then
+    printf '  %-28s %5s s  %s\n' "$name" "$cap" "$file"
+    return 0
+  fi
+  local left=$(( start + budget - train_keep - SECONDS ))
+  if [[ $name == train ]]; then left=$cap; fi
+  if (( left < min_step )); then
+    echo "== $name: skipped, ${left} s of the budget left" | tee "$out/$file"
+    summary+=("$(printf '%-28s skipped (budget)' "$name")")
+    return 0
+  fi
+  (( cap > left )) && cap=$left
+  echo "== $name (cap ${cap} s) -> $out/$file"
+  local t0=$SECONDS rc
+  { echo "\$ $*"; echo "(cap ${cap} s)"; } > "$out/$file"
+  timeout --kill-after=15 "$cap" "$@" >> "$out/$file" 2>&1
+  rc=$?
+  local took=$(( SECONDS - t0 )) note=""
+  (( rc == 124 || rc == 137 )) && note=" (timed out)"
+  echo "exit $rc$note after ${took} s" >> "$out/$file"
+  tail -n 4 "$out/$file" | sed 's/^/   | /'
+  summary+=("$(printf '%-28s exit %3d%s  %4d s  %s' "$name" "$rc" "$note" "$took" "$file")")
+}
+
+bench_cmd=("$py" -m service.cli bench --device cuda --model preset:alit_small --quick --flops)
+speed_cmd=("$py" -m service.model.speed --device cuda --model preset:alit_small --sizes "32,7,1")
+
+steps() {
+  step env "${ENV_CAP:-60}" gpu.txt bash -c \
+    "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \"$py\" -c \
+     \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))\""
+  step verify "${VERIFY_CAP:-180}" verify_cuda.txt "$py" "$drivers/verify_all.py"
+  step bench_bf16 "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16.txt "${bench_cmd[@]}" \
+    --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16.json" "$@"
+  step speed_bf16 "${SPEED_CAP:-120}" speed_bf16.txt "${speed_cmd[@]}" --dtype bfloat16 \
+    --variants default,channels_last,cuda_graphs --json "$out/speed_bf16.json"
+  step speed_bf16_compile "${SPEED_COMPILE_CAP:-240}" speed_bf16_compile.txt "${speed_cmd[@]}" --dtype bfloat16 \
+    --variants default,compile_vqgan,all --json "$out/speed_bf16_compile.json"
+  step bench_bf16_all "${BENCH_COMPILE_CAP:-360}" bench_cuda_alit_small_bfloat16_all.txt \
+    "${bench_cmd[@]}" --channels-last --compile vqgan --cuda-graphs \
+    --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_all.json" "$@"
+  step bench_float32 "${BENCH_CAP:-240}" bench_cuda_alit_small_float32.txt "${bench_cmd[@]}" \
+    --dtype float32 --json "$out/bench_cuda_alit_small_float32.json" "$@"
+  step speed_float32 "${SPEED_F32_CAP:-90}" speed_float32.txt "${speed_cmd[@]}" --dtype float32 \
+    --variants default,channels_last,cuda_graphs --json "$out/speed_float32.json"
+  step bench_bf16_cuda_graphs "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_cuda_graphs.txt \
+    "${bench_cmd[@]}" --cuda-graphs \
+    --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_cuda_graphs.json" "$@"
+  step bench_bf16_channels_last "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_channels_last.txt \
+    "${bench_cmd[@]}" --channels-last \
+    --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_channels_last.json" "$@"
+  step bench_bf16_compile_vqgan "${BENCH_COMPILE_CAP:-360}" bench_cuda_alit_small_bfloat16_compile_vqgan.txt \
+    "${bench_cmd[@]}" --compile vqgan \
+    --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_compile_vqgan.json" "$@"
+  step profile_steps_bf16 "${PROFILE_CAP:-120}" profile_steps_bfloat16.txt "$py" loadtest/profile_steps.py \
+    --device cuda --dtype bfloat16 --model preset:alit_small
+  local dtype
+  for dtype in bfloat16 float32; do
+    step "families_$dtype" "${FAMILIES_TIMEOUT:-600}" "families_cuda_$dtype.txt" "$py" -m service.cli bench \
+      --device cuda --dtype "$dtype" \
+      --families alit=preset:alit_small,karl=preset:karl_small,one_d_piece=preset:one_d_piece_s256 \
+      --targets 0.05,0.1,0.2 --json "$out/families_cuda_$dtype.json"
   done
-  for fixture in karl-reference one-d-piece-reference; do
-    echo "== verify tests/fixtures/$fixture --device cuda --dtype $dtype"
-    "$py" -m service.cli verify "tests/fixtures/$fixture" --device cuda --dtype "$dtype"
-    echo "exit $?"
-  done
-done 2>&1 | tee "$out/verify_cuda.txt"
-for dtype in float32 bfloat16; do
-  "$py" -m service.cli bench --device cuda --dtype "$dtype" --model preset:alit_small --quick --flops \
-    --json "$out/bench_cuda_alit_small_$dtype.json" "$@" 2>&1 | tee "$out/bench_cuda_alit_small_$dtype.txt"
-done
-# Families at the same targets (docs/benchmarks.md, "Families at the same targets"): every corpus image
-# through each model's engine at each max_l1 target. Random weights: the cost columns mean something,
-# tokens / L1 / target met do not.
-for dtype in bfloat16 float32; do
-  timeout "${FAMILIES_TIMEOUT:-600}" "$py" -m service.cli bench --device cuda --dtype "$dtype" \
-    --families alit=preset:alit_small,karl=preset:karl_small,one_d_piece=preset:one_d_piece_s256 --targets 0.05,0.1,0.2 \
-    --json "$out/families_cuda_$dtype.json" 2>&1 | tee "$out/families_cuda_$dtype.txt"
-  echo "exit ${PIPESTATUS[0]}" | tee -a "$out/families_cuda_$dtype.txt"
-done
+  if (( train_minutes > 0 )); then
+    local corpus=()  # the Debian-package corpus, built here (make corpus) and carried: runs/corpus
+    [[ -f runs/corpus/corpus.json ]] && corpus=(--corpus runs/corpus)
+    step train "$train_keep" train.txt "$py" -m service.training gpu-job --device cuda \
+      --budget-minutes "$train_minutes" "${corpus[@]}" --run "$out/train_run" --export "$out/train_export"
+  fi
+}
+
+echo "GPU checks into $out: budget ${budget} s in all, ${train_keep} s of it kept for training (TRAIN_MINUTES=${train_minutes});"
+echo "each step's cap (s; cut to the budget left, skipped under ${min_step} s), in order:"
+plan_only=1
+steps "$@"
+echo "  (caps: ENV_CAP SPEED_CAP VERIFY_CAP SPEED_COMPILE_CAP BENCH_CAP BENCH_COMPILE_CAP SPEED_F32_CAP PROFILE_CAP"
+echo "   FAMILIES_TIMEOUT; the budget: BUDGET_S TRAIN_MINUTES TRAIN_SLACK_S MIN_STEP_S)"
+plan_only=0
+steps "$@"
+printf '%s\n' "== summary after $(( SECONDS - start )) s" "${summary[@]}" | tee "$out/summary.txt"
+if [[ -n ${PACK_DIR:-} ]]; then
+  mkdir -p "$PACK_DIR"
+  tar czf "$PACK_DIR/gpu_checks.tgz" -C "$out" --exclude='*.pt' --exclude='pool_*.npy' --exclude=train_export .
+  if [[ -d $out/train_export ]]; then
+    tar cf - -C "$out" train_export | split -b 15m - "$PACK_DIR/train_export.tar.part-"
+  fi
+  ls -l "$PACK_DIR"
+fi

@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("gpu-job", help="the whole training job (data, VQGAN, distillation, export, evaluation) in "
                    "--budget-minutes, on a GPU when torch sees one")
     sub.add_parser("evaluate", help="per-iteration L1/PSNR on a folder of images, and a picture")
+    sub.add_parser("corpus", help="the training corpus from installed Debian packages' photographs and textures")
 
     b = sub.add_parser("bench",
                        help="the engine benchmark (continuous vs lock-step vs reference) on a folder of images")

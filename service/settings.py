@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine import EngineSettings
+from .model.compile import CompileScope, compile_scope
 
 
 def shipped_weights() -> Path:
@@ -65,8 +66,18 @@ class Settings(BaseSettings):
     admission: Literal["max_batch", "measured"] = Field(
         "max_batch", description="Images in flight per worker: up to `max_batch`, or up to the knee of the step-cost "
                                  "curve measured at warm-up.")
-    compile: bool = Field(False, description="`torch.compile` the model's per-token and VQGAN parts (dynamic shapes; "
-                                             "compiled during warm-up); measured in docs/benchmarks.md.")
+    compile: CompileScope = Field(
+        "off", description="`torch.compile` (dynamic shapes, compiled during warm-up): `off`; `vqgan` (the VQGAN "
+                           "convolution stacks only); `all` (those and the transformer blocks' per-token parts). "
+                           "`true` = `all`, `false` = `off`, as before the scope existed; measured in "
+                           "docs/benchmarks.md.")
+    channels_last: bool = Field(False, description="Run the VQGAN convolution stacks in channels-last (NHWC) memory "
+                                                   "format (their outputs come back in the usual layout); the same "
+                                                   "outputs, faster cuDNN convolutions in bfloat16 on a GPU.")
+    cuda_graphs: bool = Field(False, description="Run the VQGAN convolution stacks as CUDA graphs, one per batch "
+                                                 "bucket (powers of two up to `ALIT_MAX_BATCH`; a call is padded up "
+                                                 "to its bucket), captured at start-up. CUDA devices only: with a "
+                                                 "CPU worker start-up stops with an error.")
     halting: bool = Field(True, description="2D-token dynamic halting during encoding, as the published model runs.")
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$",
                        description="Compute precision (autocast) on the workers.")
@@ -120,6 +131,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `alit-serve serve` binds.")
     port: int = Field(8000, description="Port `alit-serve serve` binds.")
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_scope(cls, value: Any) -> CompileScope:
+        return compile_scope(value)  # the one rule (model/compile.py); a ValueError is a validation error
+
     def model_specs(self) -> list[tuple[str | None, str]]:
         """(id, spec) of every model to serve, the default first; id None: named after its weights."""
         if not self.models.strip():
@@ -160,6 +176,7 @@ def engine_settings(settings: Settings, devices: str | None = None) -> EngineSet
         max_queue=settings.max_queue, policy=settings.scheduling, batch_mode=settings.batch_mode,
         halting=settings.halting, dtype=settings.dtype,
         warmup=settings.warmup, admission=settings.admission, compile=settings.compile, refill_at=settings.refill_at,
+        channels_last=settings.channels_last, cuda_graphs=settings.cuda_graphs,
     )
 
 

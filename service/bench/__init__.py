@@ -70,10 +70,13 @@ def run(args: argparse.Namespace) -> dict:
             measured = measured.merged(workload.measure(model, pixels, more, halting, batch=args.max_batch,
                                                         skip=measured.keys))
         batch = pixels[torch.arange(args.max_batch) % len(pixels)]
-        if args.compile:  # profile (so the efficiency's ideal) the model the engines run, warmed as they are
-            from ..model.compile import compile_model, warm_batch_sizes
+        speedups = engine_settings(args).speedups()
+        if speedups.changes_model:  # profile (so the efficiency's ideal) the model the engines run, warmed as they are
+            from ..model.compile import warm_batch_sizes
+            from ..model.speed import prepare_for_device
 
-            model = cast(Any, compile_model(copy.deepcopy(model)))  # typed for ALIT; any family's blocks compile
+            model = cast(Any, prepare_for_device(copy.deepcopy(model), args.device, args.dtype, speedups,
+                                                 args.max_batch))  # typed for ALIT; any family's stacks
             for n in warm_batch_sizes(args.max_batch):
                 profile.profile_stages(model, batch[:n], walks, halting, repeats=1)
         prof = profile.profile_stages(model, batch, walks, halting)
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> dict:
                     "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
         "settings": {"max_batch": args.max_batch, "batch_mode": args.batch_mode, "halting": not args.no_halting,
                      "lockstep_max_delay_s": args.max_delay, "dtype": args.dtype, "admission": args.admission,
-                     "compile": args.compile, "repeats": args.repeats, "refill_at": args.refill_at},
+                     "compile": args.compile, "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
+                     "repeats": args.repeats, "refill_at": args.refill_at},
         "workload": {"images": str(args.images), "corpus_images": len(images),
                      "targets": [t.to_dict() for t in targets]},
         "profile": prof.to_dict(),
@@ -191,7 +195,7 @@ def engine_settings(args: argparse.Namespace, policy: str = "continuous"):
     return EngineSettings(devices=args.device, max_batch=args.max_batch, max_queue=1_000_000, policy=policy,
                           batch_mode=args.batch_mode, halting=not args.no_halting, dtype=args.dtype,
                           lockstep_max_delay=args.max_delay, admission=args.admission, compile=args.compile,
-                          refill_at=args.refill_at)
+                          refill_at=args.refill_at, channels_last=args.channels_last, cuda_graphs=args.cuda_graphs)
 
 
 def _poisson_runs(args, loaded, settings, saturated: dict, rate: float, work_for, label: str,
@@ -275,6 +279,7 @@ def plot(report: dict, path: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..model.compile import compile_scope
     from ..settings import Settings
 
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images the workload is built from")
@@ -293,7 +298,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admission", default="max_batch", choices=["max_batch", "measured"],
                    help="continuous batching's in-flight limit: max_batch, or the knee of a cost curve "
                         "measured at warm-up")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (ALIT_COMPILE)")
+    p.add_argument("--compile", nargs="?", const="all", default="off", type=compile_scope,
+                   help="torch.compile: off, vqgan (the convolution stacks) or all (bare flag: all; ALIT_COMPILE)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the convolution stacks in channels-last memory format (ALIT_CHANNELS_LAST)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the convolution stacks as CUDA graphs over batch buckets, CUDA only (ALIT_CUDA_GRAPHS)")
     p.add_argument("--no-halting", action="store_true", help="turn 2D-token halting off")
     p.add_argument("--crops", type=int, default=24)
     p.add_argument("--saturation-requests", type=int, help="default 256 (--quick: 128)")

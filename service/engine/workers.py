@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..model.checkpoint import LoadedModel
-from ..model.compile import compile_model, warm_batch_sizes
+from ..model.compile import warm_batch_sizes
+from ..model.speed import Speedups, prepare_for_device
 from .admission import CostCurve, measure_cost_curve
 from .errors import EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .jobs import Job, ReconstructJob, TokenizeJob
@@ -66,7 +67,12 @@ class EngineSettings:
     refill_at: float = 1.0  # continuous, saturated: admit once the running images are down to this fraction
     warmup: bool = True
     admission: str = "max_batch"  # max_batch | measured: in flight up to the cost curve's knee (at warm-up)
-    compile: bool = False  # torch.compile the model's per-token and VQGAN parts (model/compile.py)
+    compile: bool | str = False  # torch.compile: off | vqgan | all (True = all, False = off; model/compile.py)
+    channels_last: bool = False  # the VQGAN convolutions in channels-last memory format (model/speed.py)
+    cuda_graphs: bool = False  # the VQGAN convolutions as CUDA graphs over bucketed batch sizes (CUDA only)
+
+    def speedups(self) -> Speedups:
+        return Speedups.of(channels_last=self.channels_last, compile=self.compile, cuda_graphs=self.cuda_graphs)
 
 
 class WorkQueue:
@@ -134,7 +140,8 @@ class Worker(threading.Thread):
         batch sizes of `warm_batch_sizes` (1, 2 and max batch), so serving never waits for a compilation."""
         size = self.engine.limits.img_size
         gen = torch.Generator().manual_seed(0)
-        sizes = warm_batch_sizes(self.scheduler.policy.max_batch) if self.engine.settings.compile else (1,)
+        compiled = self.engine.settings.speedups().compile != "off"
+        sizes = warm_batch_sizes(self.scheduler.policy.max_batch) if compiled else (1,)
         for n in sizes:
             jobs = [TokenizeJob(image=torch.rand(3, size, size, generator=gen),
                                 target=Target(max_l1=1e-9)) for _ in range(n)]  # never met: runs every probe
@@ -205,11 +212,12 @@ class Engine:
 
     # ----- lifecycle --------------------------------------------------------------------------------
     def start(self) -> Engine:
-        for dev in resolve_devices(self.settings.devices):
-            shared = dev == "cpu" and not self.workers and not self.settings.compile  # compiling changes the model
-            model = (self.loaded.model if shared else copy.deepcopy(self.loaded.model)).to(dev).eval()
-            if self.settings.compile:
-                compile_model(model)
+        st = self.settings
+        speedups = st.speedups()
+        for dev in resolve_devices(st.devices):
+            shared = dev == "cpu" and not self.workers and not speedups.changes_model  # compiling etc. change it
+            model = prepare_for_device(self.loaded.model if shared else copy.deepcopy(self.loaded.model), dev,
+                                       st.dtype, speedups, st.max_batch)
             w = Worker(self, dev, model)
             if self.settings.warmup:
                 w.warm_up()

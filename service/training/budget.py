@@ -5,7 +5,8 @@ plan made at the start of the run and saved as RUN/plan.json:
 
 1. the time left after the data (measured) and a reserve for export and evaluation is shared
    between the stages (`SHARES`);
-2. for every stage a few real training steps are timed (in a scratch directory, thrown away) at
+2. for every stage a few real training steps are timed (in a scratch directory, thrown away; the
+   time between two steps' log records, so set-up and checkpoint writes do not count) at
    the recipe's batch size and, on a GPU, at doublings of it, until images per second stop growing
    by `MIN_GAIN` or memory runs out; the stage takes the batch with the most images per second and
    a learning rate scaled by sqrt(batch / recipe batch) (at most x2);
@@ -21,7 +22,6 @@ import json
 import math
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,20 +108,20 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def time_steps(run: Callable[[Path, int, int], object], batch: int, measured: int = 3) -> float:
-    """Seconds per training step at `batch`: `run(dir, steps, batch)` trains (resuming in `dir`)
-    up to `steps`; two warm-up steps, then `measured` more are timed (model set-up and a checkpoint
-    write included, as in the real run)."""
+def time_steps(run: Callable[[Path, int, int], object], batch: int, measured: int = 4) -> float:
+    """Seconds per training step at `batch`: `run(dir, steps, batch)` trains `steps` steps in a
+    scratch directory, logging every step; the time between the log records of step 2 and step
+    2 + `measured` over `measured` (model set-up, the first steps' warm-up and the checkpoint write
+    are outside that window)."""
     scratch = Path(tempfile.mkdtemp(prefix="alit-probe-"))
     try:
-        run(scratch, 2, batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
         run(scratch, 2 + measured, batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / measured
+        times = {}
+        for log in scratch.glob("*.log.jsonl"):
+            for line in log.read_text().splitlines():
+                rec = json.loads(line)
+                times[rec["step"]] = rec["time"]
+        return (times[2 + measured] - times[2]) / measured
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if torch.cuda.is_available():

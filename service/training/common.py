@@ -133,8 +133,10 @@ class Log:
         self.t0, self.start = time.time(), start
 
     def write(self, record: dict) -> None:
+        """Append `record` with the wall-clock time it was written (`time`, seconds since the epoch;
+        the loops read a loss back each step, so on a GPU the step has finished by then)."""
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "time": round(time.time(), 4)}) + "\n")
 
     def step(self, step: int, record: dict, msg: str, every: int = 10) -> None:
         """Log a step's record; print progress every `every` steps and whenever it holds a held-out curve."""

@@ -111,7 +111,7 @@ def make_plan(args: argparse.Namespace, recipe: Recipe, config: ALITConfig, pool
 
     def stage1(d: Path, steps: int, b: int):
         return train_vqgan(d, config.vqgan, pool, steps=steps, batch=b, lr=recipe.s1_lr, seed=seed, quiet=True,
-                           ckpt_every=big, device=device, bf16=bf16)
+                           ckpt_every=big, log_every=1, device=device, bf16=bf16)
 
     def stage2(phase_a: bool):
         def run(d: Path, steps: int, b: int):
@@ -138,7 +138,7 @@ def make_plan(args: argparse.Namespace, recipe: Recipe, config: ALITConfig, pool
         "stage3": plan_stage(stage3, seconds=seconds["stage3"], base_batch=recipe.s3_batch, lr=recipe.s3_lr,
                              device=device),
     }
-    b = stages["stage2"]
+    b = stages["stage2"]  # 2b runs stage 2's full unroll: same step cost
     stages["stage2b"] = StagePlan(batch=b.batch, steps=steps_for(seconds["stage2b"], b.seconds_per_step),
                                   lr=scaled_lr(recipe.s2b.lr, b.batch, recipe.s2b.b_batch),
                                   seconds_per_step=b.seconds_per_step, probed=b.probed)
