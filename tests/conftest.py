@@ -19,6 +19,15 @@ CLI = [sys.executable, "-m", "service.cli"]
 torch.set_num_threads(int(os.environ.get("ALIT_TEST_THREADS", min(2, torch.get_num_threads()))))
 
 
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No ALIT_* variable from the caller's shell leaks into these tests."""
+    for k in list(os.environ):
+        if k.startswith("ALIT_"):
+            monkeypatch.delenv(k)
+    return monkeypatch
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     return FIXTURE

@@ -10,17 +10,6 @@ from conftest import ROOT
 from service.settings import DEFAULT_MODEL, Settings, engine_settings, settings_with
 
 
-@pytest.fixture
-def clean_env(monkeypatch):
-    """No ALIT_* variable from the caller's shell leaks into these tests."""
-    import os
-
-    for k in list(os.environ):
-        if k.startswith("ALIT_"):
-            monkeypatch.delenv(k)
-    return monkeypatch
-
-
 def test_the_default_model_is_the_shipped_weights(clean_env):
     assert (ROOT / "service" / "weights" / "model.safetensors").is_file()
     assert DEFAULT_MODEL == str(ROOT / "service" / "weights")

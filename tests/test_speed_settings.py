@@ -39,16 +39,6 @@ def tiny():
     return resolve("preset:test_tiny").model.eval()
 
 
-@pytest.fixture
-def clean_env(monkeypatch):
-    import os
-
-    for k in list(os.environ):
-        if k.startswith("ALIT_"):
-            monkeypatch.delenv(k)
-    return monkeypatch
-
-
 def _inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 64, 64, generator=g), 3 * torch.randn(n, 256, 128, generator=g)  # pixels; logits
