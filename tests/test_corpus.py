@@ -191,3 +191,21 @@ def test_licence_lines_and_command(built, capsys):
     p = man["packages"][PKG]
     assert re.search(rf"^{re.escape(PKG)}\s+\S+\s+{p['found']}\s+{p['kept']}\s", text, re.M)
     assert "cached (nothing rebuilt)" in text
+
+
+def test_a_carried_corpus_supplies_sample_images_the_installed_packages_lack(tmp_path, monkeypatch):
+    """On a machine whose scikit-image lacks a sample file (a GPU image), training reads the copy
+    the corpus command put beside the corpus: the same sources, byte for byte."""
+    from service.training import data
+
+    assert data.bundle_samples(tmp_path) == len(data.SOURCES)
+    assert data.bundle_samples(tmp_path) == 0  # equal copies are kept
+    here = [(n, a.copy()) for n, a, _ in data.load_sources()]
+    real = data.source_path
+    monkeypatch.setattr(data, "source_path", lambda pkg, name: real(pkg, name).with_name("missing-" + name))
+    with pytest.raises(FileNotFoundError):
+        data.load_sources()  # no corpus: nothing to fall back on
+    (tmp_path / "corpus.json").write_text('{"files": [], "packages": {}}')
+    elsewhere = data.load_sources(tmp_path)
+    assert [n for n, _, _ in elsewhere] == [n for n, _ in here]
+    assert all(np.array_equal(a, b) for (_, a), (_, b, _) in zip(here, elsewhere))

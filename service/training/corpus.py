@@ -527,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     except MissingPackages as e:
         print(f"corpus: {e}", file=sys.stderr)
         return 1
+    from .data import SAMPLES, bundle_samples
+
+    copied = bundle_samples(args.out)  # the sample images travel with the corpus (another machine's
+    # scikit-image may lack some): data.load_sources reads them from there when the package lacks them
     print(f"{'package':30s} {'version':24s} {'found':>5s} {'kept':>4s} {'dup':>4s} {'small':>5s} {'bad':>3s} "
           f"{'MB':>6s}  licence")
     for name, p in man["packages"].items():
@@ -538,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     t = man["totals"]
     print(f"total: {t['files']} images, {t['bytes'] / 1e6:.2f} MB in {Path(args.out) / 'images'}; "
           + ("cached (nothing rebuilt)" if man["cached"] else f"built in {time.perf_counter() - t0:.1f} s"))
+    print(f"sample images copied to {Path(args.out) / SAMPLES}: {copied} written")
     return 0
 
 

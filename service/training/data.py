@@ -72,6 +72,38 @@ def source_path(package: str, name: str) -> Path:
     raise ValueError(package)
 
 
+SAMPLES = "samples"  # a corpus directory's copy of the sample images (`bundle_samples`)
+
+
+def sample_file(package: str, name: str, corpus: str | Path | None = None) -> Path:
+    """Where a sample image is read from: the installed package, or, where that package lacks it (a
+    machine with another scikit-image, such as a GPU image), the copy in `corpus/samples/`."""
+    try:
+        path = source_path(package, name)
+    except ImportError:
+        path = Path("/nonexistent") / name
+    if not path.is_file() and corpus is not None and (Path(corpus) / SAMPLES / name).is_file():
+        return Path(corpus) / SAMPLES / name
+    return path
+
+
+def bundle_samples(corpus: str | Path) -> int:
+    """Copy the sample images of `SOURCES` into `corpus/samples/` (what is there and equal is kept), so
+    a corpus carried to another machine trains on the same sources; returns the number written."""
+    dest = Path(corpus) / SAMPLES
+    dest.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for pkg, name, _ in SOURCES:
+        data = source_path(pkg, name).read_bytes()
+        target = dest / name
+        if not target.is_file() or target.read_bytes() != data:
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+            written += 1
+    return written
+
+
 def _decode(im: Image.Image) -> tuple[np.ndarray, bool]:
     grey = im.mode in ("L", "LA", "I", "I;16", "1")
     if im.mode in ("RGBA", "LA"):
@@ -84,10 +116,11 @@ def load_sources(corpus: str | Path | None = None) -> list[tuple[str, np.ndarray
     """(name, HxWx3 uint8, was_grey) for every training source: the sample images of `SOURCES`, then,
     with `corpus` (a directory built by `service.training.corpus`), every image its corpus.json
     lists, in that order, as `corpus:<package>/<file>`. A listed file that is missing or changed
-    (sha256) is an error: rebuild the corpus."""
+    (sha256) is an error: rebuild the corpus. A sample image the installed package lacks is read
+    from the corpus's copy (`bundle_samples`)."""
     out = []
     for pkg, name, _ in SOURCES:
-        arr, grey = _decode(Image.open(source_path(pkg, name)))
+        arr, grey = _decode(Image.open(sample_file(pkg, name, corpus)))
         out.append((name, arr, grey))
     if corpus is not None:
         from .corpus import load_manifest
