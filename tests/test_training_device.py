@@ -35,7 +35,7 @@ def test_device_and_precision_choices():
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("mps:0")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
+        with pytest.raises(ValueError, match="requested but torch sees 0 CUDA devices"):
             resolve_device("cuda")
     assert use_bf16(torch.device("cpu")) is False  # auto: bfloat16 only on CUDA
     assert use_bf16(torch.device("cuda")) is True

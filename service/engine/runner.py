@@ -16,7 +16,7 @@ from typing import TypeVar, cast
 import torch
 
 from ..model.family import Tokenizer, content_seed, quality
-from ..model.precision import precision
+from ..model.precision import is_oom, precision
 from ..model.transformer import BatchMode
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
@@ -33,10 +33,6 @@ class ItemFailed:
         self.error = error
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
 def split_run(fn: Callable[[list[T]], list], items: list[T]) -> list:
     """fn(items) -> one result per item. When it raises, the same on each half, recursively: a batch
     that runs out of memory is split until it fits, and an image that makes the model fail ends up
@@ -47,7 +43,7 @@ def split_run(fn: Callable[[list[T]], list], items: list[T]) -> list:
     except Exception as e:
         if len(items) < 2:
             return [ItemFailed(e)]
-        if _is_oom(e) and torch.cuda.is_available():
+        if is_oom(e) and torch.cuda.is_available():
             torch.cuda.empty_cache()
         mid = len(items) // 2
         return split_run(fn, items[:mid]) + split_run(fn, items[mid:])

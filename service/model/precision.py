@@ -31,3 +31,9 @@ def precision(device: str, dtype: str) -> contextlib.AbstractContextManager:
             strict_float32()
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether an exception is the device running out of memory (the engine splits the batch, the
+    training budget stops doubling it)."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()

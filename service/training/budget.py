@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..model.precision import is_oom
+
 # shares of the training time (after data and the reserve) per stage; stage2 is split again into
 # phase A (cheap, 1-2 iterations) and phase B (unrolled) by A_SHARE
 SHARES = {"stage1": 0.34, "stage2": 0.36, "stage2b": 0.22, "stage3": 0.08}
@@ -102,10 +104,6 @@ def scaled_lr(lr: float, batch: int, base: int) -> float:
 
 def steps_for(seconds: float, seconds_per_step: float) -> int:
     return max(MIN_STEPS, int(seconds / max(seconds_per_step, 1e-6)))
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def time_steps(run: Callable[[Path, int, int], object], batch: int, measured: int = 4) -> float:

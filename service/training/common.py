@@ -24,18 +24,14 @@ def setup_threads(threads: int | None) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` (the first CUDA device when torch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but torch sees no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N)")
-    return dev
+    """The device to train on, by the engine's rule for device names (`resolve_devices`: `auto` is
+    every CUDA device, else the CPU; `cpu`; `cuda[:N]`), one device: the first."""
+    from ..engine.workers import resolve_devices
+
+    devices = resolve_devices(name)
+    if len(devices) > 1 and name.strip().lower() != "auto":
+        raise ValueError(f"training runs on one device, not {name!r}")
+    return torch.device(devices[0])
 
 
 def use_bf16(device: torch.device, amp: str = "auto") -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,15 +183,31 @@ def make_pool(n: int, size: int, seed: int, synthetic: float = 0.04, corpus: Pat
     return out
 
 
-def pool_cached(path: Path, n: int, size: int, seed: int, corpus: Path | None = None) -> np.ndarray:
-    """make_pool's result cached at `path` (.npy). The file is reused whenever its shape matches:
-    the caller names it after everything else that makes the pool (seed, corpus)."""
+def _pool_chunk(job: tuple[int, int, int, str | None]) -> np.ndarray:
+    n, size, seed, corpus = job
+    return make_pool(n, size, seed, corpus=None if corpus is None else Path(corpus))
+
+
+def make_pool_parallel(n: int, size: int, seed: int, corpus: Path | None, workers: int) -> np.ndarray:
+    """`make_pool` in `workers` processes, chunk i with seed `seed * 1000 + i`: deterministic for a
+    seed and a worker count, but not the one-process pool."""
+    sizes = [n // workers + (i < n % workers) for i in range(workers)]
+    jobs = [(k, size, seed * 1000 + i, None if corpus is None else str(corpus)) for i, k in enumerate(sizes)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return np.concatenate(pool.map(_pool_chunk, jobs))
+
+
+def pool_cached(path: Path, n: int, size: int, seed: int, corpus: Path | None = None, workers: int = 1) -> np.ndarray:
+    """make_pool's result cached at `path` (.npy), made by `workers` processes when more than one
+    (`make_pool_parallel`). The file is reused whenever its shape matches: the caller names it after
+    everything else that makes the pool (seed, corpus, workers)."""
     path = Path(path)
     if path.is_file():
         arr = np.load(path)
         if arr.shape == (n, size, size, 3):
             return arr
-    arr = make_pool(n, size, seed, corpus=corpus)
+    arr = (make_pool(n, size, seed, corpus=corpus) if workers <= 1
+           else make_pool_parallel(n, size, seed, corpus, workers))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, arr)

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -31,10 +30,11 @@ import torch
 from ..model.alit import ALIT
 from ..model.checkpoint import export, load_model
 from ..model.config import ALITConfig
+from ..model.precision import strict_float32
 from ..model.vqgan import VQGAN
 from .budget import A_SHARE, Plan, StagePlan, plan_stage, scaled_lr, shares, steps_for
 from .common import resolve_device, setup_threads, use_bf16
-from .data import HELDOUT_DIR, load_folder, make_pool, pool_cached, to_tensor
+from .data import HELDOUT_DIR, load_folder, pool_cached, to_tensor
 from .recipe import CONFIGS, Recipe, quick_recipe
 from .stage2 import Stage2Params
 
@@ -69,31 +69,12 @@ def corpus_tag(corpus: Path | None) -> str:
     return "_c" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:10]
 
 
-def _pool_chunk(job: tuple[int, int, int, str | None]) -> np.ndarray:
-    n, size, seed, corpus = job
-    return make_pool(n, size, seed, corpus=None if corpus is None else Path(corpus))
-
-
 def training_pool(run_dir: Path, n: int, size: int, seed: int, corpus: Path | None, workers: int) -> np.ndarray:
     """The run's crop pool, cached as .npy in the run directory. One worker and no corpus gives the
     shipped model's pool exactly; with `workers` > 1 it is made in `workers` chunks of their own
     seeds (deterministic for a seed and a worker count, but a different pool)."""
     tag = corpus_tag(corpus) + (f"_w{workers}" if workers > 1 else "")
-    path = run_dir / f"pool_{n}_{size}_{seed}{tag}.npy"
-    if workers <= 1:
-        return pool_cached(path, n, size, seed, corpus=corpus)
-    if path.is_file():
-        arr = np.load(path)
-        if arr.shape == (n, size, size, 3):
-            return arr
-    sizes = [n // workers + (i < n % workers) for i in range(workers)]
-    jobs = [(k, size, seed * 1000 + i, None if corpus is None else str(corpus)) for i, k in enumerate(sizes)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        arr = np.concatenate(pool.map(_pool_chunk, jobs))
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    tmp.replace(path)
-    return arr
+    return pool_cached(run_dir / f"pool_{n}_{size}_{seed}{tag}.npy", n, size, seed, corpus=corpus, workers=workers)
 
 
 def make_plan(args: argparse.Namespace, recipe: Recipe, config: ALITConfig, pool: np.ndarray,
@@ -176,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # training only; evaluation goes back to strict float32
         torch.backends.cudnn.allow_tf32 = True
     setup_threads(args.threads)
     config = CONFIGS[args.config]
@@ -254,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
     from .evaluate import complexity_checks, per_iteration, vqgan_l1
 
     t = time.time()
+    if device.type == "cuda":
+        strict_float32()  # evaluation measures what the service returns: float32 without TF32, as served
     evaluated = loaded.model.to(device)  # evaluation through the serving step API, on the training device
     l1, psnr, _ = per_iteration(evaluated, eval_images, halting=True)
     l1_nh, _, _ = per_iteration(evaluated, eval_images, halting=False)
