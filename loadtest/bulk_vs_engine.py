@@ -1,6 +1,7 @@
 """`tokenize-dataset` against the engine alone at saturation, on the same images, model and target:
 
     python loadtest/bulk_vs_engine.py runs/folders/bulk --repeats 3 [--model M] [--max-l1 0.07] [--json OUT]
+        [--device cuda --dtype bfloat16]
 
 Per round, interleaved: (1) the engine alone: every image of the folder decoded and preprocessed
 beforehand (not timed), all queued at once on a fresh in-process `Engine` (continuous batching, the
@@ -31,8 +32,8 @@ from service.model.registry import resolve  # noqa: E402
 from service.settings import Settings, engine_settings  # noqa: E402
 
 
-def engine_alone(loaded, pixels, target: Target, settings: Settings) -> float:
-    eng = Engine(loaded, engine_settings(settings, "cpu")).start()
+def engine_alone(loaded, pixels, target: Target, settings: Settings, device: str) -> float:
+    eng = Engine(loaded, engine_settings(settings, device)).start()
 
     async def go():
         return await asyncio.gather(*(eng.tokenize(p, target) for p in pixels))
@@ -51,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--max-l1", type=float, default=None)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="as ALIT_DEVICES: cpu, cuda, cuda:0,cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json")
     a = p.parse_args(argv)
-    settings = Settings(max_queue=100_000)
+    settings = Settings(max_queue=100_000, dtype=a.dtype)
     spec = a.model or settings.model
     loaded = resolve(spec)
     limits = loaded.limits
@@ -68,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             pass
     rounds = []
     for rep in range(a.repeats):
-        alone = engine_alone(loaded, pixels, target, settings)
+        alone = engine_alone(loaded, pixels, target, settings, a.device)
         out = Path(tempfile.mkdtemp(prefix="bulk-bench-"))
         try:
-            s = tokenize_dataset(a.folder, out, model=spec, max_l1=target.max_l1, devices="cpu", quiet=True,
+            s = tokenize_dataset(a.folder, out, model=spec, max_l1=target.max_l1, devices=a.device, quiet=True,
                                  settings=settings)
         finally:
             shutil.rmtree(out, ignore_errors=True)
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median: engine alone {med['engine_alone']:.2f} img/s, tokenize-dataset {med['tokenize_dataset']:.2f} img/s "
           f"= {med['ratio']:.2f}x")
     if a.json:
-        Path(a.json).write_text(json.dumps({"folder": a.folder, "model": spec, "target": target.to_dict(),
+        Path(a.json).write_text(json.dumps({"folder": a.folder, "model": spec, "device": a.device, "dtype": a.dtype,
+                                            "target": target.to_dict(),
                                             "rounds": rounds, "median": med}, indent=1) + "\n")
     return 0
 

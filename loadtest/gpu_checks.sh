@@ -26,6 +26,8 @@
 #   bench_bf16             alit-serve bench --device cuda --model preset:alit_small --quick --flops at 256 px:
 #                          per-stage profile, FLOP utilisation, per-strategy saturation throughput, p50/p99
 #                          at 40 % and 70 % load
+#   bulk_bf16              tokenize-dataset against the engine alone (loadtest/bulk_vs_engine.py), same model,
+#                          dtype and images: GPU_IMAGES (1000) of make_folders.py --gpu, made in the background
 #   speed_bf16             every speed setting (ALIT_CHANNELS_LAST, ALIT_CUDA_GRAPHS) against the default
 #                          on CUDA in bfloat16: the VQGAN stacks' outputs (PASS/FAIL at the dtype's
 #                          tolerance) and ms per image at batch 32, 7 and 1 (`python -m service.model.speed`)
@@ -48,11 +50,12 @@ out=${1:?output directory}; shift
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 cd "$(dirname "$0")/.." || exit 2
 py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1  # a step cut at its cap still leaves its output so far
 start=$SECONDS
 budget=${BUDGET_S:-570}
 train_minutes=${TRAIN_MINUTES:-6}
 only=${ONLY:-}
-train_keep=$(( train_minutes > 0 ? train_minutes * 60 + ${TRAIN_SLACK_S:-45} : 0 ))
+train_keep=$(awk -v m="$train_minutes" -v s="${TRAIN_SLACK_S:-45}" 'BEGIN { print (m > 0) ? int(m * 60 + s) : 0 }')
 min_step=${MIN_STEP_S:-30}
 summary=()
 
@@ -87,6 +90,16 @@ for fixture, dtype, mode in runs:
     failed += rc != 0
 sys.exit(1 if failed else 0)
 PY
+
+# the bulk step's image folder (loadtest/make_folders.py --gpu), made on this machine's CPUs while the
+# first steps hold the GPU: thousands of images are too many megabytes to travel with the checkout
+folders=${FOLDERS_DIR:-/tmp/alit-folders}
+gpu_images=${GPU_IMAGES:-1000}
+folders_pid=
+if [[ -z $only || " $only " == *" bulk_bf16 "* ]] && [[ ! -d $folders/gpu ]]; then
+  "$py" loadtest/make_folders.py "$folders" --bulk 0 --gpu "$gpu_images" > "$out/folders.txt" 2>&1 &
+  folders_pid=$!
+fi
 
 plan_only=0
 step() {  # NAME CAP FILE CMD...: CMD under `timeout` with CAP cut to the budget left, output in OUT_DIR/FILE
@@ -126,6 +139,10 @@ steps() {
   step verify "${VERIFY_CAP:-180}" verify_cuda.txt "$py" "$drivers/verify_all.py"
   step bench_bf16 "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16.txt "${bench_cmd[@]}" \
     --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16.json" "$@"
+  step bulk_bf16 "${BULK_CAP:-120}" bulk_cuda_alit_small_bfloat16.txt bash -c \
+    "${folders_pid:+while kill -0 $folders_pid 2>/dev/null; do sleep 0.5; done; }exec \"$py\" loadtest/bulk_vs_engine.py \"$folders/gpu\" --device cuda \
+     --dtype bfloat16 --model preset:alit_small --repeats \"${BULK_REPEATS:-3}\" \
+     --json \"$out/bulk_cuda_alit_small_bfloat16.json\""
   step speed_bf16 "${SPEED_CAP:-120}" speed_bf16.txt "${speed_cmd[@]}" --dtype bfloat16 \
     --variants default,channels_last,cuda_graphs --json "$out/speed_bf16.json"
   step speed_bf16_compile "${SPEED_COMPILE_CAP:-240}" speed_bf16_compile.txt "${speed_cmd[@]}" --dtype bfloat16 \
@@ -155,7 +172,7 @@ steps() {
       --families alit=preset:alit_small,karl=preset:karl_small,one_d_piece=preset:one_d_piece_s256 \
       --targets 0.05,0.1,0.2 --json "$out/families_cuda_$dtype.json"
   done
-  if (( train_minutes > 0 )); then
+  if (( train_keep > 0 )); then
     local corpus=()  # the Debian-package corpus, built here (make corpus) and carried: runs/corpus
     [[ -f runs/corpus/corpus.json ]] && corpus=(--corpus runs/corpus)
     step train "$train_keep" train.txt "$py" -m service.training gpu-job --device cuda \

@@ -11,7 +11,10 @@ downloaded), the same bytes every time:
 - `bulk/`: 400 images for `tokenize-dataset`: crops of the two above at many sizes (24 to 900 px a
   side, non-square too), as JPEG, PNG, WebP, BMP and GIF, in nested folders, plus 5 corrupt files
   (random bytes, truncated JPEG and PNG, an empty file, a text file named .jpg);
-- `bulk_big/`: the same recipe ten times over (4000 images), for resident memory at two sizes.
+- `bulk_big/`: the same recipe ten times over (4000 images), for resident memory at two sizes;
+- `gpu/` (only with `--gpu N`): N images of the same recipe at 128 to 512 px a side, as JPEG and
+  WebP alone, plus the 5 corrupt files: small enough (about 10 KB an image) to travel to a GPU
+  machine by the thousand.
 """
 
 from __future__ import annotations
@@ -91,23 +94,25 @@ def _encode(img: Image.Image, fmt: str, kw: dict) -> bytes:
     return buf.getvalue()
 
 
-def _bulk(folder: Path, pool: list[Image.Image], n: int, rng: np.random.Generator) -> None:
+def _bulk(folder: Path, pool: list[Image.Image], n: int, rng: np.random.Generator,
+          sides: tuple[int, int] = (24, 900), formats: tuple = FORMATS) -> None:
     for i in range(n):
         img = pool[int(rng.integers(len(pool)))]
         w, h = img.size
-        side = int(rng.integers(24, 901))
+        side = int(rng.integers(sides[0], sides[1] + 1))
         aspect = float(rng.choice([1.0, 1.0, 0.75, 1.33, 0.5, 2.0]))
         cw, ch = max(8, min(w, int(side * aspect))), max(8, min(h, side))
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         crop = img.crop((x0, y0, x0 + cw, y0 + ch))
         if side > max(cw, ch):  # small sources: scale up to the drawn size
             crop = crop.resize((max(8, int(side * aspect)), side), Image.Resampling.BICUBIC)
-        ext, fmt, kw = FORMATS[i % len(FORMATS)]
+        ext, fmt, kw = formats[i % len(formats)]
         sub = folder / f"part{i % 7}" / f"set{i % 3}"
         sub.mkdir(parents=True, exist_ok=True)
         (sub / f"img{i:05d}.{ext}").write_bytes(_encode(crop, fmt, kw))
     good = (folder / "part0" / "set0" / "img00000.jpg").read_bytes()
-    png = next(folder.rglob("*.png")).read_bytes()
+    png = next(folder.rglob("*.png"), None)
+    png = png.read_bytes() if png else _encode(pool[0], "PNG", {})
     bad = folder / "corrupt"
     bad.mkdir(exist_ok=True)
     (bad / "random.png").write_bytes(rng.bytes(2048))
@@ -120,7 +125,8 @@ def _bulk(folder: Path, pool: list[Image.Image], n: int, rng: np.random.Generato
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
-    p.add_argument("--bulk", type=int, default=400)
+    p.add_argument("--bulk", type=int, default=400, help="images in bulk/ (bulk_big/: ten times as many; 0: neither)")
+    p.add_argument("--gpu", type=int, default=0, help="also gpu/ with this many small JPEG/WebP images")
     a = p.parse_args(argv)
     out = Path(a.out)
     rng = np.random.default_rng(2026)
@@ -136,9 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, img in syn:
         img.save(out / "synthetic" / f"{name}.png")
     pool = [img for _, img in sk + syn]
-    _bulk(out / "bulk", pool, a.bulk, rng)
-    _bulk(out / "bulk_big", pool, 10 * a.bulk, rng)
-    print(f"{out}: skimage {len(sk)}, synthetic {len(syn)}, bulk {a.bulk} + 5 corrupt, bulk_big {10 * a.bulk} + 5")
+    if a.bulk:
+        _bulk(out / "bulk", pool, a.bulk, rng)
+        _bulk(out / "bulk_big", pool, 10 * a.bulk, rng)
+    if a.gpu:
+        _bulk(out / "gpu", pool, a.gpu, np.random.default_rng(2027), sides=(128, 512),
+              formats=(FORMATS[0], FORMATS[2]))
+    print(f"{out}: skimage {len(sk)}, synthetic {len(syn)}"
+          + (f", bulk {a.bulk} + 5 corrupt, bulk_big {10 * a.bulk} + 5" if a.bulk else "")
+          + (f", gpu {a.gpu} + 5" if a.gpu else ""))
     return 0
 
 

@@ -3,14 +3,14 @@
 `alit-serve train --budget-minutes M` (and `gpu-job`) replace the recipe's fixed step counts by a
 plan made at the start of the run and saved as RUN/plan.json:
 
-1. the time left after the data (measured) and a reserve for export and evaluation is shared
-   between the stages (`SHARES`);
-2. for every stage a few real training steps are timed (in a scratch directory, thrown away; the
+1. for every stage a few real training steps are timed (in a scratch directory, thrown away; the
    time between two steps' log records, so set-up and checkpoint writes do not count) at
    the recipe's batch size and, on a GPU, at doublings of it, until images per second stop growing
    by `MIN_GAIN` or memory runs out; the stage takes the batch with the most images per second and
    a learning rate scaled by sqrt(batch / recipe batch) (at most x2);
-3. its step count is its share of the time over the measured seconds per step.
+2. the time left after the data and the probes (both measured) and a reserve for export and
+   evaluation is shared between the stages (`SHARES`);
+3. a stage's step count is its share of the time over the measured seconds per step.
 
 A resumed run reads plan.json and never re-plans, so its schedules are the ones it started with,
 on whichever device it resumes.
@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,9 +35,10 @@ from ..model.precision import is_oom
 # phase A (cheap, 1-2 iterations) and phase B (unrolled) by A_SHARE
 SHARES = {"stage1": 0.34, "stage2": 0.36, "stage2b": 0.22, "stage3": 0.08}
 A_SHARE = 0.3
-RESERVE = 0.08  # of the budget: export, evaluation, the probes themselves
+RESERVE = 0.08  # of the budget: export and evaluation
 MIN_GAIN = 0.10  # a doubled batch is taken only if images/s grow by at least this much
 MAX_BATCH = 512
+PROBE_SHARE = 0.04  # of the budget: a stage's probing stops doubling past this
 MIN_STEPS = 5  # a stage never shrinks to nothing (only a toy budget reaches this floor)
 
 
@@ -127,10 +129,11 @@ def time_steps(run: Callable[[Path, int, int], object], batch: int, measured: in
 
 
 def probe(run: Callable[[Path, int, int], object], base: int, device: torch.device,
-          limit: int = MAX_BATCH) -> dict[int, float]:
-    """Measured seconds per step for each batch candidate, stopping at the first out-of-memory or
-    at the first doubling that does not pay (MIN_GAIN)."""
+          limit: int = MAX_BATCH, max_seconds: float = math.inf) -> dict[int, float]:
+    """Measured seconds per step for each batch candidate, stopping at the first out-of-memory, at
+    the first doubling that does not pay (MIN_GAIN), or once probing has taken `max_seconds`."""
     out: dict[int, float] = {}
+    t0 = time.monotonic()
     for b in batch_candidates(base, device, limit):
         try:
             out[b] = time_steps(run, b)
@@ -140,12 +143,13 @@ def probe(run: Callable[[Path, int, int], object], base: int, device: torch.devi
             break
         if len(out) > 1 and choose_batch(out) != b:
             break
+        if time.monotonic() - t0 > max_seconds:
+            break
     return out
 
 
-def plan_stage(run: Callable[[Path, int, int], object], *, seconds: float, base_batch: int, lr: float,
-               device: torch.device, limit: int = MAX_BATCH) -> StagePlan:
-    timings = probe(run, base_batch, device, limit)
+def plan_stage(timings: dict[int, float], *, seconds: float, base_batch: int, lr: float) -> StagePlan:
+    """A stage's plan from its probed timings (`probe`) and its seconds of training."""
     batch = choose_batch(timings)
     sps = timings[batch]
     return StagePlan(batch=batch, steps=steps_for(seconds, sps), lr=scaled_lr(lr, batch, base_batch),
@@ -153,7 +157,7 @@ def plan_stage(run: Callable[[Path, int, int], object], *, seconds: float, base_
 
 
 def shares(budget_seconds: float, spent_seconds: float) -> dict[str, float]:
-    """Seconds of training per stage: what is left of the budget after what was spent (data) and
-    the reserve, split by SHARES."""
+    """Seconds of training per stage: what is left of the budget after what was spent (data, probes)
+    and the reserve, split by SHARES."""
     left = max(0.0, budget_seconds * (1 - RESERVE) - spent_seconds)
     return {k: v * left for k, v in SHARES.items()}

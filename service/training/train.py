@@ -32,7 +32,7 @@ from ..model.checkpoint import export, load_model
 from ..model.config import ALITConfig
 from ..model.precision import strict_float32
 from ..model.vqgan import VQGAN
-from .budget import A_SHARE, Plan, StagePlan, plan_stage, scaled_lr, shares, steps_for
+from .budget import A_SHARE, PROBE_SHARE, Plan, StagePlan, plan_stage, probe, scaled_lr, shares, steps_for
 from .common import resolve_device, setup_threads, use_bf16
 from .data import HELDOUT_DIR, load_folder, pool_cached, to_tensor
 from .recipe import CONFIGS, Recipe, quick_recipe
@@ -85,7 +85,7 @@ def make_plan(args: argparse.Namespace, recipe: Recipe, config: ALITConfig, pool
     from .stage3 import finetune_decoder
 
     budget = args.budget_minutes * 60
-    seconds = shares(budget, spent)
+    t_plan = time.time()
     seed = recipe.seed
     vq_state = VQGAN(config.vqgan).state_dict()
     big = 10**9  # no periodic checkpoints or evaluations inside a probe
@@ -106,18 +106,25 @@ def make_plan(args: argparse.Namespace, recipe: Recipe, config: ALITConfig, pool
         return finetune_decoder(d, build_stage2_model(config, vq_state, seed), pool, steps=steps, batch=b,
                                 lr=recipe.s3_lr, seed=seed, quiet=True, device=device, bf16=bf16)
 
-    s2 = seconds["stage2"]
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     log(f"[plan] budget {budget / 60:.1f} min on {device}; probing step times")
+    cap = PROBE_SHARE * budget
+    probed = {"stage1": probe(stage1, recipe.s1_batch, device, max_seconds=cap),
+              "stage2a": probe(stage2(True), recipe.s2.a_batch, device, max_seconds=cap),
+              "stage2": probe(stage2(False), recipe.s2.b_batch, device, max_seconds=cap),
+              "stage3": probe(stage3, recipe.s3_batch, device, max_seconds=cap)}
+    # the training time is what is left after the data and the probes
+    seconds = shares(budget, spent + time.time() - t_plan)
+    s2 = seconds["stage2"]
     stages = {
-        "stage1": plan_stage(stage1, seconds=seconds["stage1"], base_batch=recipe.s1_batch, lr=recipe.s1_lr,
-                             device=device),
-        "stage2a": plan_stage(stage2(True), seconds=A_SHARE * s2, base_batch=recipe.s2.a_batch, lr=recipe.s2.lr,
-                              device=device),
-        "stage2": plan_stage(stage2(False), seconds=(1 - A_SHARE) * s2, base_batch=recipe.s2.b_batch,
-                             lr=recipe.s2.lr, device=device),
-        "stage3": plan_stage(stage3, seconds=seconds["stage3"], base_batch=recipe.s3_batch, lr=recipe.s3_lr,
-                             device=device),
+        "stage1": plan_stage(probed["stage1"], seconds=seconds["stage1"], base_batch=recipe.s1_batch,
+                             lr=recipe.s1_lr),
+        "stage2a": plan_stage(probed["stage2a"], seconds=A_SHARE * s2, base_batch=recipe.s2.a_batch,
+                              lr=recipe.s2.lr),
+        "stage2": plan_stage(probed["stage2"], seconds=(1 - A_SHARE) * s2, base_batch=recipe.s2.b_batch,
+                             lr=recipe.s2.lr),
+        "stage3": plan_stage(probed["stage3"], seconds=seconds["stage3"], base_batch=recipe.s3_batch,
+                             lr=recipe.s3_lr),
     }
     b = stages["stage2"]  # 2b runs stage 2's full unroll: same step cost
     stages["stage2b"] = StagePlan(batch=b.batch, steps=steps_for(seconds["stage2b"], b.seconds_per_step),
@@ -126,6 +133,7 @@ def make_plan(args: argparse.Namespace, recipe: Recipe, config: ALITConfig, pool
     for name, st in stages.items():
         log(f"[plan] {name}: batch {st.batch}, {st.steps} steps x {st.seconds_per_step:.3f} s, lr {st.lr:.2e} "
             f"(probed {', '.join(f'{k}: {v:.3f} s' for k, v in st.probed.items())})")
+    log(f"[plan] probing took {time.time() - t_plan:.0f} s; {sum(seconds.values()):.0f} s left to train")
     return Plan(device=str(device), budget_seconds=budget, train_seconds=sum(seconds.values()), stages=stages,
                 a_steps=stages["stage2a"].steps, a_batch=stages["stage2a"].batch)
 
