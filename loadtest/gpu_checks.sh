@@ -136,7 +136,8 @@ steps() {
   step env "${ENV_CAP:-60}" gpu.txt bash -c \
     "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \"$py\" -c \
      \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))\""
-  step verify "${VERIFY_CAP:-180}" verify_cuda.txt "$py" "$drivers/verify_all.py"
+  step verify "${VERIFY_CAP:-180}" verify_cuda.txt env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+    "$py" "$drivers/verify_all.py"
   step bench_bf16 "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16.txt "${bench_cmd[@]}" \
     --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16.json" "$@"
   step bulk_bf16 "${BULK_CAP:-120}" bulk_cuda_alit_small_bfloat16.txt bash -c \

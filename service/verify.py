@@ -70,7 +70,7 @@ class Report:
     def continuous(self, name: str, got, expected, kind: str = "default", atol: float | None = None) -> None:
         """Max abs error within `atol` (a fixture's own float32 advice; in reduced precision, 10 % of the
         largest expected magnitude, at least the `kind`'s tolerance) or the `kind`'s tolerance."""
-        got, expected = _np(got), np.asarray(expected)
+        got, expected = to_numpy(got), to_numpy(expected)  # either side may be a tensor on the device
         if got.shape != expected.shape:
             raise AssertionError(f"{name}: shape {got.shape} != expected {expected.shape}")
         err = float(np.abs(got.astype(np.float64) - expected).max()) if got.size else 0.0
@@ -84,10 +84,10 @@ class Report:
 
     def discrete(self, name: str, got, expected, margin=None, tie: float = NEAR_TIE) -> None:
         """Exact comparison except where `margin` (distance to a decision boundary) is below `tie`."""
-        got, expected = _np(got), np.asarray(expected)
+        got, expected = to_numpy(got), to_numpy(expected)  # either side may be a tensor on the device
         if got.shape != expected.shape:
             raise AssertionError(f"{name}: shape {got.shape} != expected {expected.shape}")
-        keep = np.ones(got.shape, bool) if margin is None else np.asarray(margin) >= tie
+        keep = np.ones(got.shape, bool) if margin is None else to_numpy(margin) >= tie
         mism = int(((got != expected) & keep).sum())
         allowed = int(MAX_FLIP_FRACTION[self.precision] * keep.sum())
         self.rows.append(Row(name, int(keep.sum()), int((~keep).sum()), mism, allowed, True))
@@ -103,7 +103,8 @@ class Report:
         return "\n".join(lines)
 
 
-def _np(t) -> np.ndarray:
+def to_numpy(t) -> np.ndarray:
+    """A tensor (on any device; floating point as float32) or array-like as a numpy array."""
     if isinstance(t, torch.Tensor):
         return t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
     return np.asarray(t)

@@ -29,19 +29,12 @@ from .model.family import StepOutput, quality
 from .model.karl import KARL, KARLConfig, probe_key
 from .model.precision import precision
 from .model.transformer import BatchMode
-from .verify import NEAR_TIE, Report
+from .verify import NEAR_TIE, Report, to_numpy
 
 HALT_TIE = 1e-2  # |halt_logit - ln 3| below this is a near-tie (the README's level)
 LN3 = math.log(3.0)  # sigmoid(logit) > 0.75  <=>  logit > ln 3
 ATOL = {"vqgan_z": 1e-5, "img_tokens": 1e-5, "encoder_in": 1e-5, "encoder_out": 1e-3, "latent_out": 1e-3,
         "halt_logit": 5e-3, "prequant": 1e-4, "logits": 2e-4, "recon": 2e-4, "l1": 1e-5}
-
-
-def _np(t: Any) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
-        t = t.detach().cpu()
-        return (t.float() if t.is_floating_point() else t).numpy()
-    return np.asarray(t)
 
 
 def _build(cfg: KARLConfig, path: Path, device: str, batch_mode: BatchMode) -> KARL:
@@ -53,12 +46,12 @@ def _build(cfg: KARLConfig, path: Path, device: str, batch_mode: BatchMode) -> K
 
 def _kept_rows(rep: Report, name: str, got: Any, expected: Any, keep: np.ndarray, kind: str) -> None:
     """A continuous row over the images in `keep`; the others count as skipped near-ties."""
-    rep.continuous(name, _np(got)[keep], np.asarray(expected)[keep], kind, atol=ATOL[kind])
+    rep.continuous(name, to_numpy(got)[keep], to_numpy(expected)[keep], kind, atol=ATOL[kind])
     rep.rows[-1].skipped = int((~keep).sum())
 
 
 def _stack(outs: list[StepOutput], key: str) -> np.ndarray:
-    return _np(torch.stack([o.trace[key] for o in outs]))
+    return to_numpy(torch.stack([o.trace[key] for o in outs]))
 
 
 def _decode(model: KARL, outs: list[StepOutput], images: torch.Tensor):
@@ -96,7 +89,7 @@ def _check_pass(rep: Report, model: KARL, tag: str, outs: list[StepOutput], imag
         _kept_rows(rep, f"{tag}/recon", recon, exp[f"{tag}_recon"], keep, "recon")
     if f"{tag}_logits_img0" in exp.files:
         _kept_rows(rep, f"{tag}/logits_img0", logits[:1], exp[f"{tag}_logits_img0"][None], keep[:1], "logits")
-    return _np(l1)
+    return to_numpy(l1)
 
 
 def verify_karl(fixture: Path, device: str = "cpu", dtype: str = "float32",
@@ -142,10 +135,10 @@ def verify_karl(fixture: Path, device: str = "cpu", dtype: str = "float32",
                               trace=True)
         alone = [ours[p][0][b] for b, p in enumerate(picks)]
         for key in ("halted", "latent_ids"):
-            rep.discrete(f"mixed/{key}", np.concatenate([_np(o.trace[key]) for o in mixed]),
-                         np.concatenate([_np(o.trace[key]) for o in alone]))
-        rep.continuous("mixed/halt_logit", np.concatenate([_np(o.trace["halt_logit"]) for o in mixed]),
-                       np.concatenate([_np(o.trace["halt_logit"]) for o in alone]), "halt_logit", atol=1e-4)
+            rep.discrete(f"mixed/{key}", np.concatenate([to_numpy(o.trace[key]) for o in mixed]),
+                         np.concatenate([to_numpy(o.trace[key]) for o in alone]))
+        rep.continuous("mixed/halt_logit", np.concatenate([to_numpy(o.trace["halt_logit"]) for o in mixed]),
+                       np.concatenate([to_numpy(o.trace["halt_logit"]) for o in alone]), "halt_logit", atol=1e-4)
         _, _, l1 = _decode(model, mixed, images)
         rep.continuous("mixed/l1", l1, [ours[p][1][b] for b, p in enumerate(picks)], "l1", atol=1e-6)
 

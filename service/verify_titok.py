@@ -32,7 +32,7 @@ from .model.checkpoint import check_state_dict, read_state_dict
 from .model.precision import precision
 from .model.titok import TiTok, TiTokConfig
 from .model.transformer import BatchMode
-from .verify import NEAR_TIE, Report
+from .verify import NEAR_TIE, Report, to_numpy
 
 # the fixture README's suggested float32 tolerances
 ATOL = {"encoder_ln_post": 2e-4, "encoder_out": 2e-5, "logits": 5e-4, "pixel_code": 2e-4, "recon": 5e-4,
@@ -41,13 +41,6 @@ ATOL = {"encoder_ln_post": 2e-4, "encoder_out": 2e-5, "logits": 5e-4, "pixel_cod
 # bug (a sequence attending to another, a wrong length's positions) moves them by O(1)
 ALONE_ATOL = 1e-4
 PIXEL_CHUNK = 56  # images per pixel-decoder call (memory)
-
-
-def _np(t: Any) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
-        t = t.detach().cpu()
-        return (t.float() if t.is_floating_point() else t).numpy()
-    return np.asarray(t)
 
 
 def _build(cfg: TiTokConfig, path: Path, device: str, batch_mode: BatchMode) -> TiTok:
@@ -72,7 +65,7 @@ def _exact(rep: Report, name: str, got: Any, expected: Any) -> None:
 
 def _kept(rep: Report, name: str, got: Any, expected: Any, keep: np.ndarray, kind: str) -> None:
     """A continuous row over the entries `keep` marks (leading axes); the rest count as near-ties."""
-    rep.continuous(name, _np(got)[keep], np.asarray(expected)[keep], atol=ATOL[kind])
+    rep.continuous(name, to_numpy(got)[keep], to_numpy(expected)[keep], atol=ATOL[kind])
     rep.rows[-1].skipped = int((~keep).sum())
 
 
@@ -82,7 +75,7 @@ def _psnr_uint8(recon: torch.Tensor, images: torch.Tensor) -> np.ndarray:
     r8 = torch.round(recon.float().clamp(0, 1) * 255).double()
     x8 = torch.round(images.float() * 255).double()
     mse = (r8 - x8).pow(2).flatten(1).mean(1)
-    return _np(10 * torch.log10(255.0**2 / mse))
+    return to_numpy(10 * torch.log10(255.0**2 / mse))
 
 
 def verify_titok(fixture: Path, device: str = "cpu", dtype: str = "float32",
@@ -121,7 +114,7 @@ def verify_titok(fixture: Path, device: str = "cpu", dtype: str = "float32",
         _exact(rep, "prepare/token_ids_vs_encode", torch.stack([s.token_ids for s in states]), ids)
 
         # a flipped id (at a near-tie) changes every decode whose prefix holds it
-        flips = _np(ids) != exp["token_ids"]
+        flips = to_numpy(ids) != exp["token_ids"]
         first_flip = np.where(flips.any(1), flips.argmax(1), n_tok)  # per image
         keep = np.array([[k <= first_flip[b] for b in range(n_img)] for k in lengths])  # (lengths, images)
 
@@ -151,9 +144,9 @@ def verify_titok(fixture: Path, device: str = "cpu", dtype: str = "float32",
         # ----- quality at every length the fixture holds ------------------------------------------
         x64 = images.double()
         r64 = pix.double()
-        l1 = _np((r64 - x64).abs().flatten(2).mean(2))
+        l1 = to_numpy((r64 - x64).abs().flatten(2).mean(2))
         mse = (r64.clamp(0, 1) - x64).pow(2).flatten(2).mean(2)
-        psnr = _np(10 * torch.log10(1.0 / mse))
+        psnr = to_numpy(10 * torch.log10(1.0 / mse))
         psnr8 = np.stack([_psnr_uint8(pix[r], images) for r in range(len(lengths))])
         _kept(rep, "all_lengths/l1", l1, exp["l1"], keep, "l1")
         _kept(rep, "all_lengths/psnr", psnr, exp["psnr"], keep, "psnr")
@@ -167,7 +160,7 @@ def verify_titok(fixture: Path, device: str = "cpu", dtype: str = "float32",
         rep.continuous(f"batch/img{b0}_alone_vs_packed_logits", alone, packed, atol=ALONE_ATOL)
         top2 = packed.topk(2, dim=-1).values
         rep.discrete(f"batch/img{b0}_alone_vs_packed_argmax", alone.argmax(-1), packed.argmax(-1),
-                     _np(top2[..., 0] - top2[..., 1]), tie=NEAR_TIE)
+                     to_numpy(top2[..., 0] - top2[..., 1]), tie=NEAR_TIE)
 
         # ----- the safetensors twin end to end, the same calls: identical pixels -------------------
         ends = [_end_to_end(m, images, [16, n_tok]) for m in (model, twin)]

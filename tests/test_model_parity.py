@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from service.model.alit import quality, reference_stop_iteration
@@ -63,3 +64,25 @@ def test_reference_stop_rule_returns_lowest_l1_when_unmet():
     assert reference_stop_iteration([0.5, 0.3, 0.4], 0.1) == 1
     assert reference_stop_iteration([0.5, 0.05, 0.01], 0.1) == 1
     assert reference_stop_iteration([0.2, 0.2], 0.1) == 0
+
+
+class _DeviceTensor(torch.Tensor):
+    """Acts as a CUDA tensor does for numpy: no implicit conversion (np.asarray raises)."""
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+
+def test_report_compares_tensors_on_a_device():
+    """Verify's comparisons take tensors on either side: KARL's and One-D-Piece's checks compare two of
+    the model's own outputs (safetensors against .pth), both on the device (found on CUDA)."""
+    from service.verify import Report
+
+    ids = torch.tensor([[1, 2, 3]]).as_subclass(_DeviceTensor)
+    with pytest.raises(TypeError):
+        np.asarray(ids)
+    rep = Report("float32")
+    rep.discrete("ids", torch.tensor([[1, 2, 4]]), ids, margin=torch.ones(1, 3).as_subclass(_DeviceTensor))
+    rep.continuous("x", torch.zeros(2), torch.full((2,), 0.5).as_subclass(_DeviceTensor))
+    assert [r.error for r in rep.rows] == [1, 0.5]
+    assert not rep.ok
