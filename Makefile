@@ -49,7 +49,7 @@ lint: setup
 	$(PY) -m mypy
 
 test: setup system-deps lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # A local Triton Inference Server on model_repository/ (HTTP 8010, gRPC 8011, metrics 8012).
 triton: setup
