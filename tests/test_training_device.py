@@ -129,3 +129,20 @@ def test_training_refuses_a_bad_budget_or_device(capsys):
     assert "--budget-minutes must be positive" in capsys.readouterr().err
     assert main(["train", "--device", "tpu", "--run", "/nonexistent/x"]) == 2
     assert "unknown device" in capsys.readouterr().err
+
+
+def test_probing_caps_the_doublings_not_the_warm_up(monkeypatch):
+    """The first candidate's run carries the device's warm-up and does not count against the cap;
+    the doublings after it stop once they have taken `max_seconds`."""
+    clock = [0.0]
+    step_cost = {16: 50.0, 32: 3.0, 64: 3.0, 128: 3.0, 256: 3.0}  # seconds each probe takes (16: warm-up)
+
+    def fake_time_steps(run, batch, measured=4):
+        clock[0] += step_cost[batch]
+        return 0.1  # flat step time: every doubling pays
+    monkeypatch.setattr(budget, "time_steps", fake_time_steps)
+    monkeypatch.setattr(budget, "monotonic", lambda: clock[0])
+    got = budget.probe(lambda *a: None, 16, torch.device("cuda"), limit=256, max_seconds=5.0)
+    assert list(got) == [16, 32, 64]  # 32 after 3 s, 64 after 6 s > 5: stop
+    clock[0] = 0.0
+    assert list(budget.probe(lambda *a: None, 16, torch.device("cuda"), limit=256)) == [16, 32, 64, 128, 256]

@@ -22,10 +22,10 @@ import json
 import math
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from time import monotonic
 
 import torch
 
@@ -131,9 +131,11 @@ def time_steps(run: Callable[[Path, int, int], object], batch: int, measured: in
 def probe(run: Callable[[Path, int, int], object], base: int, device: torch.device,
           limit: int = MAX_BATCH, max_seconds: float = math.inf) -> dict[int, float]:
     """Measured seconds per step for each batch candidate, stopping at the first out-of-memory, at
-    the first doubling that does not pay (MIN_GAIN), or once probing has taken `max_seconds`."""
+    the first doubling that does not pay (MIN_GAIN), or once the doublings have taken `max_seconds`
+    (counted after the first candidate, whose run carries the device's warm-up: on the H200 that
+    alone used stage 1's whole cap)."""
     out: dict[int, float] = {}
-    t0 = time.monotonic()
+    t0 = math.inf
     for b in batch_candidates(base, device, limit):
         try:
             out[b] = time_steps(run, b)
@@ -143,7 +145,8 @@ def probe(run: Callable[[Path, int, int], object], base: int, device: torch.devi
             break
         if len(out) > 1 and choose_batch(out) != b:
             break
-        if time.monotonic() - t0 > max_seconds:
+        t0 = min(t0, monotonic())
+        if monotonic() - t0 > max_seconds:
             break
     return out
 
