@@ -15,10 +15,12 @@
 # Time: one device call may run 10 minutes and a lent GPU gives about 15 device-minutes in all, machine
 # start included, so by default the whole run fits one call: BUDGET_S=570 seconds, of which the final
 # training step keeps TRAIN_MINUTES * 60 + TRAIN_SLACK_S (6 min + 45 s; gpu-job sizes itself to
-# TRAIN_MINUTES and this is its cap). Every other step's cap is cut to what is left of the budget before
+# TRAIN_MINUTES, which may be fractional, and this is its cap). Every other step's cap is cut to what is left of the budget before
 # that; a step with less than MIN_STEP_S (30) left is skipped, and says so. With the defaults that is
 # about 2.5 minutes for the GPU's identity, verify and the bfloat16 bench. TRAIN_MINUTES=0 skips training
 # and gives the other steps the whole budget; ONLY="verify bench_bf16 train" (step names) runs just those.
+# Measured on an H200 (2026-12-04): verify 16 s, bench_bf16 --no-simulate 45 s (81 s at --max-batch 256
+# with 1,024 requests), one bulk_bf16 round 40 s, speed_bf16 17 s, gpu-job 250 s for TRAIN_MINUTES=4.5.
 # In order (each cap an environment variable, the header it prints lists them):
 #   env                    nvidia-smi and torch's view of the GPU
 #   verify                 the reference fixtures on CUDA: ALIT in bfloat16 and float32 (packed, then
@@ -185,8 +187,9 @@ echo "GPU checks into $out: budget ${budget} s in all, ${train_keep} s of it kep
 echo "each step's cap (s; cut to the budget left, skipped under ${min_step} s), in order:"
 plan_only=1
 steps "$@"
-echo "  (caps: ENV_CAP SPEED_CAP VERIFY_CAP SPEED_COMPILE_CAP BENCH_CAP BENCH_COMPILE_CAP SPEED_F32_CAP PROFILE_CAP"
-echo "   FAMILIES_TIMEOUT; the budget: BUDGET_S TRAIN_MINUTES TRAIN_SLACK_S MIN_STEP_S)"
+echo "  (caps: ENV_CAP VERIFY_CAP BENCH_CAP BULK_CAP SPEED_CAP SPEED_COMPILE_CAP BENCH_COMPILE_CAP SPEED_F32_CAP"
+echo "   PROFILE_CAP FAMILIES_TIMEOUT; the budget: BUDGET_S TRAIN_MINUTES TRAIN_SLACK_S MIN_STEP_S;"
+echo "   bulk: GPU_IMAGES BULK_REPEATS FOLDERS_DIR)"
 plan_only=0
 steps "$@"
 printf '%s\n' "== summary after $(( SECONDS - start )) s" "${summary[@]}" | tee "$out/summary.txt"
