@@ -29,7 +29,7 @@
 #                          per-stage profile, FLOP utilisation, per-strategy saturation throughput, p50/p99
 #                          at 40 % and 70 % load
 #   bulk_bf16              tokenize-dataset against the engine alone (loadtest/bulk_vs_engine.py), same model,
-#                          dtype and images: GPU_IMAGES (1000) of make_folders.py --gpu, made in the background
+#                          dtype and images: GPU_IMAGES (500) of make_folders.py --gpu, made in the background
 #   speed_bf16             every speed setting (ALIT_CHANNELS_LAST, ALIT_CUDA_GRAPHS) against the default
 #                          on CUDA in bfloat16: the VQGAN stacks' outputs (PASS/FAIL at the dtype's
 #                          tolerance) and ms per image at batch 32, 7 and 1 (`python -m service.model.speed`)
@@ -96,7 +96,7 @@ PY
 # the bulk step's image folder (loadtest/make_folders.py --gpu), made on this machine's CPUs while the
 # first steps hold the GPU: thousands of images are too many megabytes to travel with the checkout
 folders=${FOLDERS_DIR:-/tmp/alit-folders}
-gpu_images=${GPU_IMAGES:-1000}
+gpu_images=${GPU_IMAGES:-500}  # 1,000 took 40 s a round on the H200: 3 rounds of 500 fit BULK_CAP
 folders_pid=
 if [[ -z $only || " $only " == *" bulk_bf16 "* ]] && [[ ! -d $folders/gpu ]]; then
   "$py" loadtest/make_folders.py "$folders" --bulk 0 --gpu "$gpu_images" > "$out/folders.txt" 2>&1 &
