@@ -55,6 +55,7 @@ def test_alit_and_karl_in_one_server(start_server, shared_redis_url, cache_prefi
     models = httpx.get(srv.url + "/v1/models").json()["data"]
     assert [(m["id"], m["family"], m["default"]) for m in models] == [("alit", "alit", True), ("karl", "karl", False)]
     assert models[1]["accepts"] == ["max_l1", "max_tokens"] and models[1]["token_positions"]
+    assert models[0]["halting"] is True and models[1]["halting"] is None  # ALIT_HALTING is ALIT's alone
 
     alit = resolve(str(ALIT))
     alit_engine = Engine(alit, EngineSettings(devices="cpu", warmup=False)).start()
