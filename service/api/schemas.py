@@ -152,8 +152,8 @@ class ModelInfo(BaseModel):
                                                    "(KARL), prefix (One-D-Piece: a probe decodes one prefix length).")
     token_positions: bool = Field(..., description="Its token ids come with positions (send them to /reconstruct).")
     default_target: TargetSpec
-    halting: bool | None = Field(..., description="`ALIT_HALTING` where it changes this model's tokens (ALIT's 2D-token "
-                                                  "halting); null for a family it does not apply to.")
+    halting: bool | None = Field(..., description="`ALIT_HALTING` where it changes this model's tokens "
+                                                  "(ALIT's 2D-token halting); null where it does not apply.")
     tokens_per_iteration: int | None = None
 
 
