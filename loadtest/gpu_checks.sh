@@ -15,8 +15,8 @@
 # Time: one device call may run 10 minutes and a lent GPU gives about 15 device-minutes in all, machine
 # start included, so by default the whole run fits one call: BUDGET_S=570 seconds, of which the final
 # training step keeps TRAIN_MINUTES * 60 + TRAIN_SLACK_S (6 min + 45 s; gpu-job sizes itself to
-# TRAIN_MINUTES, which may be fractional, and this is its cap). Every other step's cap is cut to what is left of the budget before
-# that; a step with less than MIN_STEP_S (30) left is skipped, and says so. With the defaults that is
+# TRAIN_MINUTES, which may be fractional, and this is its cap). Every other step's cap is cut to what
+# is left of the budget before that; a step with less than MIN_STEP_S (30) left is skipped, and says so. With the defaults that is
 # about 2.5 minutes for the GPU's identity, verify and the bfloat16 bench. TRAIN_MINUTES=0 skips training
 # and gives the other steps the whole budget; ONLY="verify bench_bf16 train" (step names) runs just those.
 # Measured on an H200 (2026-12-04): verify 16 s, bench_bf16 --no-simulate 45 s (81 s at --max-batch 256
