@@ -28,6 +28,9 @@
 #   bench_bf16             alit-serve bench --device cuda --model preset:alit_small --quick --flops at 256 px:
 #                          per-stage profile, FLOP utilisation, per-strategy saturation throughput, p50/p99
 #                          at 40 % and 70 % load
+#   bench_bf16_padded      the same with --batch-mode padded: one attention call per step over mixed lengths
+#                          (key masks) instead of packed mode's one per distinct length, which the H200 run
+#                          suggests costs continuous batching its 7-10 % at saturation
 #   bulk_bf16              tokenize-dataset against the engine alone (loadtest/bulk_vs_engine.py), same model,
 #                          dtype and images: GPU_IMAGES (500) of make_folders.py --gpu, made in the background
 #   speed_bf16             every speed setting (ALIT_CHANNELS_LAST, ALIT_CUDA_GRAPHS) against the default
@@ -142,6 +145,8 @@ steps() {
     "$py" "$drivers/verify_all.py"
   step bench_bf16 "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16.txt "${bench_cmd[@]}" \
     --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16.json" "$@"
+  step bench_bf16_padded "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_padded.txt "${bench_cmd[@]}" \
+    --batch-mode padded --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_padded.json" "$@"
   step bulk_bf16 "${BULK_CAP:-120}" bulk_cuda_alit_small_bfloat16.txt bash -c \
     "${folders_pid:+while kill -0 $folders_pid 2>/dev/null; do sleep 0.5; done; }exec \"$py\" loadtest/bulk_vs_engine.py \"$folders/gpu\" --device cuda \
      --dtype bfloat16 --model preset:alit_small --repeats \"${BULK_REPEATS:-3}\" \
