@@ -111,8 +111,8 @@ def _bulk(folder: Path, pool: list[Image.Image], n: int, rng: np.random.Generato
         sub.mkdir(parents=True, exist_ok=True)
         (sub / f"img{i:05d}.{ext}").write_bytes(_encode(crop, fmt, kw))
     good = (folder / "part0" / "set0" / "img00000.jpg").read_bytes()
-    png = next(folder.rglob("*.png"), None)
-    png = png.read_bytes() if png else _encode(pool[0], "PNG", {})
+    found = next(folder.rglob("*.png"), None)  # gpu/ holds no PNG: encode one
+    png = found.read_bytes() if found else _encode(pool[0], "PNG", {})
     bad = folder / "corrupt"
     bad.mkdir(exist_ok=True)
     (bad / "random.png").write_bytes(rng.bytes(2048))

@@ -344,7 +344,7 @@ def _model_info(svc, m, default: bool) -> dict:
         "max_tokens": li.max_tokens, "codebook_size": li.codebook_size, "accepts": list(li.accepts),
         "probe_name": list(li.probe_name),
         "token_positions": li.positional, "default_target": TargetSpec(**svc.default_target.to_dict()),
-        "halting": svc.settings.halting if li.variant(True) != li.variant(False) else None, **li.info(),
+        "halting": svc.settings.halting if li.halting_applies() else None, **li.info(),
     }
 
 

@@ -116,6 +116,10 @@ class Limits:
         """The settings that change this family's tokens, for cache keys."""
         return ""
 
+    def halting_applies(self) -> bool:
+        """Whether `ALIT_HALTING` changes this family's tokens (then its cache variant says so)."""
+        return self.variant(True) != self.variant(False)
+
     def token_buckets(self) -> tuple[int, ...]:
         """Histogram buckets for tokens per image."""
         return tuple(sorted({max(1, self.max_tokens * k // 8) for k in range(1, 9)}))

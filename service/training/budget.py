@@ -135,7 +135,7 @@ def probe(run: Callable[[Path, int, int], object], base: int, device: torch.devi
     (counted after the first candidate, whose run carries the device's warm-up: on the H200 that
     alone used stage 1's whole cap)."""
     out: dict[int, float] = {}
-    t0 = math.inf
+    started = None  # the doublings' clock: starts once the first candidate is timed
     for b in batch_candidates(base, device, limit):
         try:
             out[b] = time_steps(run, b)
@@ -145,8 +145,9 @@ def probe(run: Callable[[Path, int, int], object], base: int, device: torch.devi
             break
         if len(out) > 1 and choose_batch(out) != b:
             break
-        t0 = min(t0, monotonic())
-        if monotonic() - t0 > max_seconds:
+        now = monotonic()
+        started = now if started is None else started
+        if now - started > max_seconds:
             break
     return out
 

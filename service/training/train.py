@@ -78,7 +78,7 @@ def training_pool(run_dir: Path, n: int, size: int, seed: int, corpus: Path | No
 
 
 def make_plan(args: argparse.Namespace, recipe: Recipe, config: ALITConfig, pool: np.ndarray,
-              device: torch.device, bf16: bool, spent: float) -> Plan:
+              device: torch.device, bf16: bool, started: float) -> Plan:
     """Measure each stage's step time (scratch directories, thrown away) and size the run to the budget."""
     from .stage1 import train_vqgan
     from .stage2 import train_latents
@@ -108,24 +108,16 @@ def make_plan(args: argparse.Namespace, recipe: Recipe, config: ALITConfig, pool
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     log(f"[plan] budget {budget / 60:.1f} min on {device}; probing step times")
-    cap = PROBE_SHARE * budget
-    probed = {"stage1": probe(stage1, recipe.s1_batch, device, max_seconds=cap),
-              "stage2a": probe(stage2(True), recipe.s2.a_batch, device, max_seconds=cap),
-              "stage2": probe(stage2(False), recipe.s2.b_batch, device, max_seconds=cap),
-              "stage3": probe(stage3, recipe.s3_batch, device, max_seconds=cap)}
-    # the training time is what is left after the data and the probes
-    seconds = shares(budget, spent + time.time() - t_plan)
-    s2 = seconds["stage2"]
-    stages = {
-        "stage1": plan_stage(probed["stage1"], seconds=seconds["stage1"], base_batch=recipe.s1_batch,
-                             lr=recipe.s1_lr),
-        "stage2a": plan_stage(probed["stage2a"], seconds=A_SHARE * s2, base_batch=recipe.s2.a_batch,
-                              lr=recipe.s2.lr),
-        "stage2": plan_stage(probed["stage2"], seconds=(1 - A_SHARE) * s2, base_batch=recipe.s2.b_batch,
-                             lr=recipe.s2.lr),
-        "stage3": plan_stage(probed["stage3"], seconds=seconds["stage3"], base_batch=recipe.s3_batch,
-                             lr=recipe.s3_lr),
-    }
+    # stage -> (its probe run, the recipe's batch, the recipe's learning rate)
+    specs = {"stage1": (stage1, recipe.s1_batch, recipe.s1_lr),
+             "stage2a": (stage2(True), recipe.s2.a_batch, recipe.s2.lr),
+             "stage2": (stage2(False), recipe.s2.b_batch, recipe.s2.lr),
+             "stage3": (stage3, recipe.s3_batch, recipe.s3_lr)}
+    probed = {k: probe(run, base, device, max_seconds=PROBE_SHARE * budget) for k, (run, base, _) in specs.items()}
+    seconds = shares(budget, time.time() - started)  # what is left after the data and the probes
+    train_seconds = {**seconds, "stage2a": A_SHARE * seconds["stage2"], "stage2": (1 - A_SHARE) * seconds["stage2"]}
+    stages = {k: plan_stage(probed[k], seconds=train_seconds[k], base_batch=base, lr=lr)
+              for k, (_, base, lr) in specs.items()}
     b = stages["stage2"]  # 2b runs stage 2's full unroll: same step cost
     stages["stage2b"] = StagePlan(batch=b.batch, steps=steps_for(seconds["stage2b"], b.seconds_per_step),
                                   lr=scaled_lr(recipe.s2b.lr, b.batch, recipe.s2b.b_batch),
@@ -195,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         plan = Plan.load(run_dir / "plan.json")  # a resumed run keeps the plan it started with
         if plan is None:
             t = time.time()
-            plan = make_plan(args, recipe, config, pool, device, bf16, spent=time.time() - t_start)
+            plan = make_plan(args, recipe, config, pool, device, bf16, started=t_start)
             plan.save(run_dir / "plan.json")
             timer.add("plan", time.time() - t)
         recipe = planned_recipe(recipe, plan)
