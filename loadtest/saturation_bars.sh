@@ -7,7 +7,8 @@
 # the second-worst request). Needs an idle machine; prints one table row per run.
 #
 #   python loadtest/make_folders.py runs/folders     # once
-#   loadtest/saturation_bars.sh [OUT_DIR] [extra bench args...]   (default runs/bars; THREADS=2 REPEATS=3)
+#   loadtest/saturation_bars.sh [OUT_DIR] [extra bench args...]   (default runs/bars; THREADS=2 REPEATS=3
+#                                                    REFILLS="1.0 0.5")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bars}; shift || true
@@ -17,7 +18,7 @@ folders=("tests/fixtures/alit-reference/images" "runs/folders/skimage" "runs/fol
 for f in "${folders[@]}"; do [[ -d $f ]] || { echo "missing $f: python loadtest/make_folders.py runs/folders" >&2; exit 2; }; done
 printf '| folder | refill_at | lock-step img/s | continuous img/s | cont./lock-step | p50 at 70 %% | p99 at 70 %% |\n|---|---:|---:|---:|---:|---:|---:|\n'
 for f in "${folders[@]}"; do
-  for refill in 1.0 0.5; do
+  for refill in ${REFILLS:-1.0 0.5}; do
     name=$(basename "$(dirname "$f")")_$(basename "$f")_$refill
     "$py" -m service.cli bench --images "$f" --quick --no-simulate --strategies continuous,lockstep \
       --load-fractions 0.7 --poisson-requests "${POISSON:-200}" --repeats "${REPEATS:-3}" \

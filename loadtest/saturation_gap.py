@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.bench import DEFAULT_IMAGES, workload  # noqa: E402
 from service.bench.live import drive  # noqa: E402
-from service.engine import Engine, EngineSettings  # noqa: E402
+from service.engine import Engine, EngineSettings, Target  # noqa: E402
 from service.engine.observer import EngineObserver  # noqa: E402
 from service.model import transformer  # noqa: E402
 from service.model.registry import resolve  # noqa: E402
@@ -61,6 +61,22 @@ def _count_groups() -> None:
     transformer.pack = counting  # type: ignore[assignment]
 
 
+def saturation_work(loaded, folder: str, requests: int, max_batch: int) -> list[tuple[torch.Tensor, Target]]:
+    """The saturation workload of `alit-serve bench` on `folder`: its corpus, calibrated targets and
+    request plan, as (pixels, target) pairs."""
+    limits = loaded.limits
+    images = workload.corpus(workload.load_folder(folder), 24)
+    pixels = workload.tensors(images, limits.img_size, limits.resample)
+    measured = workload.measure(loaded.model, pixels, [workload.default_walk(limits)], True, batch=max_batch)
+    targets = workload.calibrate(measured, limits)
+    more = measured.missing(workload.walks_of(targets, limits))
+    if more:
+        measured = measured.merged(workload.measure(loaded.model, pixels, more, True, batch=max_batch,
+                                                    skip=measured.keys))
+    plan = workload.plan_requests(requests, len(images), targets, measured, limits, seed=1)
+    return [(pixels[r.image], r.target) for r in plan]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="service/weights")
@@ -77,17 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     _count_groups()
     loaded = resolve(a.model)
-    limits = loaded.limits
-    images = workload.corpus(workload.load_folder(a.images), 24)
-    pixels = workload.tensors(images, limits.img_size, limits.resample)
-    measured = workload.measure(loaded.model, pixels, [workload.default_walk(limits)], True, batch=a.max_batch)
-    targets = workload.calibrate(measured, limits)
-    more = measured.missing(workload.walks_of(targets, limits))
-    if more:
-        measured = measured.merged(workload.measure(loaded.model, pixels, more, True, batch=a.max_batch,
-                                                    skip=measured.keys))
-    plan = workload.plan_requests(a.requests, len(images), targets, measured, limits, seed=1)
-    work = [(pixels[r.image], r.target) for r in plan]
+    work = saturation_work(loaded, a.images, a.requests, a.max_batch)
     runs: dict[str, list[dict]] = {name: [] for name in a.policies}
     for rep in range(a.repeats):
         for name in a.policies:

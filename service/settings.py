@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine import EngineSettings
+from .engine.policies import refill_setting
 from .model.compile import CompileScope, compile_scope
 
 
@@ -60,9 +61,10 @@ class Settings(BaseSettings):
     batch_mode: Literal["packed", "cohort", "padded"] = Field(
         "packed", description="Mixed iterations: packed tokens (attention per image), same-length cohorts, or one "
                               "padded call.")
-    refill_at: float = Field(1.0, gt=0, le=1, description="Saturated (a full batch or more waiting): admit new "
-                             "images only once the running ones are down to this fraction of the batch, as one "
-                             "cohort; 1 = fill every free slot at once.")
+    refill_at: float | Literal["auto"] = Field(
+        "auto", description="Saturated (a full batch or more waiting): admit new images only once the running ones "
+                            "are down to this fraction of the batch, as one cohort; 1 = fill every free slot at "
+                            "once; auto = 0.25 on a CPU, 1 on a GPU.")
     admission: Literal["max_batch", "measured"] = Field(
         "max_batch", description="Images in flight per worker: up to `max_batch`, or up to the knee of the step-cost "
                                  "curve measured at warm-up.")
@@ -130,6 +132,11 @@ class Settings(BaseSettings):
     access_log: bool = Field(True, description="One log line per request: method, path, status, duration, request id.")
     host: str = Field("127.0.0.1", description="Address `alit-serve serve` binds.")
     port: int = Field(8000, description="Port `alit-serve serve` binds.")
+
+    @field_validator("refill_at", mode="before")
+    @classmethod
+    def _refill_at(cls, value: Any) -> float | str:
+        return refill_setting(value)  # the one rule (engine/policies.py)
 
     @field_validator("compile", mode="before")
     @classmethod

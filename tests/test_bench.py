@@ -9,13 +9,16 @@ import statistics
 import pytest
 import torch
 from conftest import run_cli
+from pydantic import ValidationError
 
 from service.bench import DEFAULT_IMAGES, simulate, workload
 from service.engine import Target
 from service.engine.admission import CostCurve
-from service.engine.policies import Continuous, Lockstep, Reference, make_policy
+from service.engine.policies import (CPU_REFILL_AT, Continuous, Lockstep, Reference, make_policy, refill_point,
+                                     refill_setting)
 from service.model.alit import ALITLimits
 from service.model.registry import resolve
+from service.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,24 @@ def test_policies_admit_as_their_strategy_says():
     assert isinstance(r, Continuous) and r.capacity(20, backlog=40) == 0 and r.capacity(16, backlog=40) == 16
     assert r.capacity(20, backlog=31) == 12  # below saturation: every free slot at once, as refill_at=1
     assert r.to_take(active=20, ready=0, waiting=100) == 0 and r.to_take(active=16, ready=0, waiting=100) == 32
-    assert make_policy("continuous", 32).capacity(20, backlog=1000) == 12  # the default fills every slot
+    assert make_policy("continuous", 32).capacity(20, backlog=1000) == 12  # refill_at 1: every slot at once
+
+
+def test_refill_point_is_a_quarter_on_a_cpu_and_every_slot_elsewhere_unless_set():
+    """ALIT_REFILL_AT=auto (the default) resolves per worker device; a number is taken as given; anything
+    else is refused with its name, by the setting and by the bench's flag alike."""
+    assert Settings().refill_at == "auto"
+    assert refill_point("auto", "cpu") == CPU_REFILL_AT == 0.25 and refill_point("auto", "cuda:0") == 1.0
+    assert refill_point(0.5, "cuda:1") == 0.5 and refill_point(1.0, "cpu") == 1.0
+    assert Settings(refill_at="0.5").refill_at == 0.5 and Settings(refill_at="AUTO").refill_at == "auto"
+    for bad in ("0", "1.5", "half", "-1"):
+        with pytest.raises(ValidationError, match="refill_at"):
+            Settings(refill_at=bad)
+        with pytest.raises(ValueError, match="refill_at"):
+            refill_setting(bad)
+    q = make_policy("continuous", 32, refill_at=refill_point("auto", "cpu"))  # what a CPU worker runs
+    assert q.capacity(9, backlog=1000) == 0 and q.capacity(8, backlog=1000) == 24  # saturated: a cohort at 8 left
+    assert q.capacity(9, backlog=10) == 23  # below saturation: every free slot at once
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         make_policy("fifo", 32)
 

@@ -41,6 +41,7 @@ def _progress(msg: str, t0: float) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from ..engine.policies import refill_point
     from ..model.precision import precision
     from ..model.registry import resolve
     from . import live, profile, simulate, workload
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {"max_batch": args.max_batch, "batch_mode": args.batch_mode, "halting": not args.no_halting,
                      "lockstep_max_delay_s": args.max_delay, "dtype": args.dtype, "admission": args.admission,
                      "compile": args.compile, "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
-                     "repeats": args.repeats, "refill_at": args.refill_at},
+                     "repeats": args.repeats, "refill_at": refill_point(args.refill_at, args.device)},
         "workload": {"images": str(args.images), "corpus_images": len(images),
                      "targets": [t.to_dict() for t in targets]},
         "profile": prof.to_dict(),
@@ -179,7 +180,8 @@ def run(args: argparse.Namespace) -> dict:
         report["simulated"] = {
             "note": "SIMULATED, not measured: the real scheduler on a stand-in device with a virtual clock; "
                     "see service/bench/simulate.py for the cost curve",
-            "runs": [simulate.compare(reqs, limits, sb, refill_at=args.refill_at) for sb in args.sim_saturation],
+            "runs": [simulate.compare(reqs, limits, sb, refill_at=refill_point(args.refill_at, "cuda"))  # GPU-like
+                     for sb in args.sim_saturation],
         }
         for r in report["simulated"]["runs"]:
             _progress(f"  simulated, saturation batch {r['saturation_batch']}: " + ", ".join(
@@ -279,6 +281,7 @@ def plot(report: dict, path: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..engine.policies import refill_setting
     from ..model.compile import compile_scope
     from ..settings import Settings
 
@@ -292,9 +295,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay", type=float, default=0.010, help="lock-step batcher's max queue delay (s)")
     p.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
-    p.add_argument("--refill-at", type=float, default=Settings().refill_at,
+    p.add_argument("--refill-at", type=refill_setting, default=Settings().refill_at,
                    help="continuous batching, saturated: admit once the running images are down to this fraction of "
-                        "the batch (ALIT_REFILL_AT)")
+                        "the batch; auto: 0.25 on a CPU, 1 on a GPU (ALIT_REFILL_AT)")
     p.add_argument("--admission", default="max_batch", choices=["max_batch", "measured"],
                    help="continuous batching's in-flight limit: max_batch, or the knee of a cost curve "
                         "measured at warm-up")

@@ -5,7 +5,8 @@ branches on a name.
   continuous  this engine: new images join at every iteration boundary, each leaves as soon as its
               target is met; admission bounded by what buys throughput (see `CostCurve`); their
               VQGAN encodes batched ahead (`to_take`). Saturated (a full batch or more waiting), it
-              refills in cohorts instead (`refill_at`): a step whose images sit at fewer distinct
+              may refill in cohorts instead (`refill_at`; on a CPU by default once a quarter of the
+              batch is left, see `refill_point`): a step whose images sit at fewer distinct
               iterations costs less for the same work;
   lockstep    request-level dynamic batching, as a Triton-style batcher: a batch forms (max size,
               max delay) and runs until its last image is done; nothing joins meanwhile;
@@ -18,6 +19,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
+
+# Continuous batching, saturated, on a CPU: admit once the running images are down to this fraction of
+# the limit. Measured against 1.0 (every free slot at once) and 0.5 with the strategies stepped in turn
+# (loadtest/saturation_paired.py; docs/benchmarks.md, "Saturation"): 1.0 ran at 0.94-0.99x lock-step's
+# throughput, 0.25 at 0.995-1.01x; below saturation it does not act.
+CPU_REFILL_AT = 0.25
+
+
+def refill_setting(value: float | str) -> float | str:
+    """`ALIT_REFILL_AT` / `--refill-at` checked: "auto", or a number in (0, 1]; a ValueError names it."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"refill_at: {value!r} is neither 'auto' nor a number in (0, 1]") from None
+    if not 0 < number <= 1:
+        raise ValueError(f"refill_at: {number} is outside (0, 1] (1 = fill every free slot at once)")
+    return number
+
+
+def refill_point(setting: float | str, device: str) -> float:
+    """`ALIT_REFILL_AT` for a worker on `device`: a number as given; "auto" is `CPU_REFILL_AT` on a CPU,
+    where a step costs what its tokens cost and mixing iterations is the only thing continuous batching
+    pays extra, and 1.0 elsewhere: on a GPU a step costs about the same for any batch below the device's
+    saturation, so emptier steps would throw capacity away (simulated 1.59x lock-step with 1.0 against
+    1.04x with 0.25; not yet measured on a real GPU: loadtest/gpu_checks.sh, bench_bf16_refill1)."""
+    if setting != "auto":
+        return float(setting)
+    return CPU_REFILL_AT if device.startswith("cpu") else 1.0
 
 
 @dataclass

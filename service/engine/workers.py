@@ -28,7 +28,7 @@ from .admission import CostCurve, measure_cost_curve
 from .errors import EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
-from .policies import make_policy
+from .policies import make_policy, refill_point
 from .records import IterationRecord, TokenizeResult
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -64,7 +64,7 @@ class EngineSettings:
     halting: bool = True  # 2D-token dynamic halting, as the published model runs
     dtype: str = "float32"
     lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill
-    refill_at: float = 1.0  # continuous, saturated: admit once the running images are down to this fraction
+    refill_at: float | str = "auto"  # continuous, saturated: admit at this share running (policies.refill_point)
     warmup: bool = True
     admission: str = "max_batch"  # max_batch | measured: in flight up to the cost curve's knee (at warm-up)
     compile: bool | str = False  # torch.compile: off | vqgan | all (True = all, False = off; model/compile.py)
@@ -119,7 +119,7 @@ class Worker(threading.Thread):
         self.device = device
         st = engine.settings
         self.runner = ModelRunner(model, device, st.dtype, st.batch_mode, engine.observer)
-        policy = make_policy(st.policy, st.max_batch, st.lockstep_max_delay, st.refill_at)
+        policy = make_policy(st.policy, st.max_batch, st.lockstep_max_delay, refill_point(st.refill_at, device))
         self.scheduler = Scheduler(self.runner, policy, engine.observer, engine.limits, halting=st.halting)
         self.warm = False
         self.cost_curve: CostCurve | None = None

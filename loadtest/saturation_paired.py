@@ -1,0 +1,140 @@
+"""Saturation throughput of several scheduling policies, measured so that a shared machine's drift
+cancels: one scheduler per policy over the SAME model, each with its own copy of the bench's
+saturation workload (all queued at once), stepped in turn — policy A's step, policy B's step, A, B,
+... — on one thread, each step timed. A host that slows down for a few seconds slows every policy's
+steps alike, where separate runs (`alit-serve bench`, `saturation_gap.py`) see the drift as a
+difference between strategies (pairs 0.84-1.16x on the same code, docs/benchmarks.md).
+
+A policy's throughput is its images / the sum of its own step times: at saturation a worker does
+nothing but step (the queue hand-off outside steps is ~1 % of the wall time, `saturation_gap.py`).
+The workers' loop is mirrored: take what `Scheduler.to_take` asks, step with the queue's length.
+Every policy must return the same token ids for every request (checked: they run the same model
+calls per image; only the batching differs).
+
+    python loadtest/saturation_paired.py [--images DIR] [--repeats 3] [--requests 256]
+                                         [--policies continuous@1 continuous@0.5/cohort lockstep] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from saturation_gap import Tally, saturation_work
+
+from service.bench import DEFAULT_IMAGES
+from service.engine import EngineSettings, TokenizeJob
+from service.engine.observer import EngineObserver
+from service.engine.policies import make_policy
+from service.engine.runner import ModelRunner
+from service.engine.scheduler import Scheduler
+from service.model.registry import resolve
+
+
+class Lane:
+    """One policy's scheduler and its own queue of the workload."""
+
+    def __init__(self, name: str, loaded, work, max_batch: int, batch_mode: str, halting: bool):
+        spec, _, size = name.partition(":")
+        spec, _, mode = spec.partition("/")
+        policy, _, refill = spec.partition("@")
+        max_batch = int(size or max_batch)
+        self.tally = Tally()  # the model calls' time by stage
+        runner = ModelRunner(loaded.model, "cpu", "float32", mode or batch_mode, self.tally)
+        self.name = name
+        self.sched = Scheduler(runner, make_policy(policy, max_batch, refill_at=float(refill or 1.0)),
+                               EngineObserver(), loaded.limits, halting=halting)
+        self.jobs = [TokenizeJob(image=px, target=t) for px, t in work]
+        self.queue = list(self.jobs)
+        self.spent = 0.0
+        self.steps = 0
+        self.stepped = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or self.sched.holding > 0
+
+    def step(self) -> None:
+        take = self.sched.to_take(len(self.queue))
+        new, self.queue = self.queue[:take], self.queue[take:]
+        t = time.perf_counter()
+        self.sched.step(new, len(self.queue))
+        self.spent += time.perf_counter() - t
+        self.steps += 1
+        self.stepped += len(self.sched.active)
+
+    def token_ids(self) -> list[np.ndarray]:
+        return [np.asarray(j.future.result(timeout=0).token_ids) for j in self.jobs]
+
+
+def one_round(names: list[str], loaded, work, a) -> dict[str, dict]:
+    halting = EngineSettings().halting
+    lanes = [Lane(n, loaded, work, a.max_batch, a.batch_mode, halting) for n in names]
+    while any(lane.busy for lane in lanes):
+        for lane in lanes:
+            if lane.busy:
+                lane.step()
+    first = lanes[0].token_ids()
+    for lane in lanes[1:]:
+        same = sum(np.array_equal(x, y) for x, y in zip(first, lane.token_ids()))
+        if same != len(first):
+            raise SystemExit(f"{lane.name} and {lanes[0].name} disagree on {len(first) - same} "
+                             f"of {len(first)} requests")
+    return {lane.name: {"throughput": len(work) / lane.spent, "step_s": lane.spent, "steps": lane.steps,
+                        "images_per_step": lane.stepped / max(1, lane.steps),
+                        "stages_s": dict(lane.tally.stages)} for lane in lanes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="service/weights")
+    p.add_argument("--images", default=str(DEFAULT_IMAGES))
+    p.add_argument("--policies", nargs="+", default=["continuous@1", "continuous@0.5", "lockstep"],
+                   help="POLICY[@REFILL_AT][/BATCH_MODE][:MAX_BATCH] (continuous@0.5: ALIT_REFILL_AT=0.5; "
+                        "lockstep/cohort: ALIT_BATCH_MODE=cohort; continuous:16: ALIT_MAX_BATCH=16); "
+                        "the last is the baseline")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--batch-mode", default="packed")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    loaded = resolve(a.model)
+    loaded.model.eval()
+    work = saturation_work(loaded, a.images, a.requests, a.max_batch)
+    one_round(a.policies, loaded, work[: 2 * a.max_batch], a)  # warm-up: every shape once
+    base = a.policies[-1]
+    rounds = []
+    for rep in range(a.repeats):
+        names = a.policies[rep % len(a.policies):] + a.policies[: rep % len(a.policies)]  # who steps first rotates
+        r = one_round(names, loaded, work, a)
+        rounds.append(r)
+        print(f"round {rep + 1}: " + ", ".join(
+            f"{n} {r[n]['throughput']:.2f} img/s ({r[n]['throughput'] / r[base]['throughput']:.3f}x, "
+            f"{r[n]['steps']} steps x {r[n]['images_per_step']:.1f}; "
+            + " ".join(f"{k} {v:.2f}" for k, v in sorted(r[n]["stages_s"].items())) + " s)" for n in a.policies),
+            flush=True)
+    summary = {n: {"throughput": statistics.median(r[n]["throughput"] for r in rounds),
+                   "vs_" + base: statistics.median(r[n]["throughput"] / r[base]["throughput"] for r in rounds),
+                   "ratios": [round(r[n]["throughput"] / r[base]["throughput"], 3) for r in rounds]}
+               for n in a.policies}
+    print(json.dumps({"threads": torch.get_num_threads(), "requests": len(work), "median": summary}, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "rounds": rounds, "median": summary}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
