@@ -31,9 +31,9 @@
 #   bench_bf16_padded      the same with --batch-mode padded: one attention call per step over mixed lengths
 #                          (key masks) instead of packed mode's one per distinct length, which the H200 run
 #                          suggests costs continuous batching its 7-10 % at saturation
-#   bench_bf16_refill1     the same with --refill-at 1.0 (every free slot filled at once even when saturated),
-#                          against the default 0.25 (cohorts once a quarter of the batch is left): which wins
-#                          on a GPU is not measured yet (on the CPU 0.25 does, docs/benchmarks.md "Saturation")
+#   bench_bf16_refill025   the same with --refill-at 0.25 (saturated: cohorts once a quarter of the batch is
+#                          left, the CPU's default) against the GPU's default 1.0 (every free slot at once):
+#                          which wins on a GPU is not measured yet (docs/benchmarks.md, "Saturation")
 #   bulk_bf16              tokenize-dataset against the engine alone (loadtest/bulk_vs_engine.py), same model,
 #                          dtype and images: GPU_IMAGES (500) of make_folders.py --gpu, made in the background
 #   speed_bf16             every speed setting (ALIT_CHANNELS_LAST, ALIT_CUDA_GRAPHS) against the default
@@ -150,8 +150,8 @@ steps() {
     --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16.json" "$@"
   step bench_bf16_padded "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_padded.txt "${bench_cmd[@]}" \
     --batch-mode padded --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_padded.json" "$@"
-  step bench_bf16_refill1 "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_refill1.txt "${bench_cmd[@]}" \
-    --refill-at 1.0 --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_refill1.json" "$@"
+  step bench_bf16_refill025 "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_refill025.txt "${bench_cmd[@]}" \
+    --refill-at 0.25 --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_refill025.json" "$@"
   step bulk_bf16 "${BULK_CAP:-120}" bulk_cuda_alit_small_bfloat16.txt bash -c \
     "${folders_pid:+while kill -0 $folders_pid 2>/dev/null; do sleep 0.5; done; }exec \"$py\" loadtest/bulk_vs_engine.py \"$folders/gpu\" --device cuda \
      --dtype bfloat16 --model preset:alit_small --repeats \"${BULK_REPEATS:-3}\" \

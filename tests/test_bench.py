@@ -80,6 +80,8 @@ def test_policies_admit_as_their_strategy_says():
     assert r.capacity(20, backlog=31) == 12  # below saturation: every free slot at once, as refill_at=1
     assert r.to_take(active=20, ready=0, waiting=100) == 0 and r.to_take(active=16, ready=0, waiting=100) == 32
     assert make_policy("continuous", 32).capacity(20, backlog=1000) == 12  # refill_at 1: every slot at once
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        make_policy("fifo", 32)
 
 
 def test_refill_point_is_a_quarter_on_a_cpu_and_every_slot_elsewhere_unless_set():
@@ -97,8 +99,6 @@ def test_refill_point_is_a_quarter_on_a_cpu_and_every_slot_elsewhere_unless_set(
     q = make_policy("continuous", 32, refill_at=refill_point("auto", "cpu"))  # what a CPU worker runs
     assert q.capacity(9, backlog=1000) == 0 and q.capacity(8, backlog=1000) == 24  # saturated: a cohort at 8 left
     assert q.capacity(9, backlog=10) == 23  # below saturation: every free slot at once
-    with pytest.raises(ValueError, match="unknown scheduling policy"):
-        make_policy("fifo", 32)
 
 
 def test_select_is_the_engine_rule_for_a_target():

@@ -45,7 +45,8 @@ def refill_point(setting: float | str, device: str) -> float:
     where a step costs what its tokens cost and mixing iterations is the only thing continuous batching
     pays extra, and 1.0 elsewhere: on a GPU a step costs about the same for any batch below the device's
     saturation, so emptier steps would throw capacity away (simulated 1.59x lock-step with 1.0 against
-    1.04x with 0.25; not yet measured on a real GPU: loadtest/gpu_checks.sh, bench_bf16_refill1)."""
+    1.04x with 0.25; not yet measured on a real GPU: loadtest/gpu_checks.sh, bench_bf16_refill025)."""
+    setting = refill_setting(setting)
     if setting != "auto":
         return float(setting)
     return CPU_REFILL_AT if device.startswith("cpu") else 1.0
