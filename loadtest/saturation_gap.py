@@ -77,18 +77,25 @@ def saturation_work(loaded, folder: str, requests: int, max_batch: int) -> list[
     return [(pixels[r.image], r.target) for r in plan]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_arguments(p: argparse.ArgumentParser, requests: int) -> None:
+    """The options this script and saturation_paired.py share: model, folder, request count, rounds,
+    batch, threads, JSON output."""
     p.add_argument("--model", default="service/weights")
     p.add_argument("--images", default=str(DEFAULT_IMAGES))
-    p.add_argument("--policies", nargs="+", default=["continuous@1", "continuous@0.5", "lockstep"],
-                   help="POLICY or continuous@REFILL_AT (the saturated refill point, ALIT_REFILL_AT)")
-    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--requests", type=int, default=requests)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-mode", default="packed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    workload_arguments(p, requests=128)
+    p.add_argument("--policies", nargs="+", default=["continuous@1", "continuous@0.5", "lockstep"],
+                   help="POLICY or continuous@REFILL_AT (the saturated refill point, ALIT_REFILL_AT; "
+                        "without it the engine's default)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     _count_groups()
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             GROUPS.clear()
             policy, _, refill = name.partition("@")
             eng = Engine(loaded, EngineSettings(devices="cpu", max_batch=a.max_batch, policy=policy, max_queue=100_000,
-                                                refill_at=float(refill or 1.0), batch_mode=a.batch_mode, warmup=True),
+                                                refill_at=refill or "auto", batch_mode=a.batch_mode, warmup=True),
                          observer=tally).start()
             GROUPS.clear()
             try:

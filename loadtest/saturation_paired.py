@@ -12,7 +12,7 @@ Every policy must return the same token ids for every request (checked: they run
 calls per image; only the batching differs).
 
     python loadtest/saturation_paired.py [--images DIR] [--repeats 3] [--requests 256]
-                                         [--policies continuous@1 continuous@0.5/cohort lockstep] [--json F]
+                                         [--policies continuous@1 continuous lockstep/cohort lockstep] [--json F]
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from saturation_gap import Tally, saturation_work
+from saturation_gap import Tally, saturation_work, workload_arguments
 
-from service.bench import DEFAULT_IMAGES
 from service.engine import EngineSettings, TokenizeJob
 from service.engine.observer import EngineObserver
-from service.engine.policies import make_policy
+from service.engine.policies import make_policy, refill_point
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 from service.model.registry import resolve
@@ -52,7 +51,7 @@ class Lane:
         self.tally = Tally()  # the model calls' time by stage
         runner = ModelRunner(loaded.model, "cpu", "float32", mode or batch_mode, self.tally)
         self.name = name
-        self.sched = Scheduler(runner, make_policy(policy, max_batch, refill_at=float(refill or 1.0)),
+        self.sched = Scheduler(runner, make_policy(policy, max_batch, refill_at=refill_point(refill or "auto", "cpu")),
                                EngineObserver(), loaded.limits, halting=halting)
         self.jobs = [TokenizeJob(image=px, target=t) for px, t in work]
         self.queue = list(self.jobs)
@@ -97,18 +96,11 @@ def one_round(names: list[str], loaded, work, a) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="service/weights")
-    p.add_argument("--images", default=str(DEFAULT_IMAGES))
-    p.add_argument("--policies", nargs="+", default=["continuous@1", "continuous@0.5", "lockstep"],
-                   help="POLICY[@REFILL_AT][/BATCH_MODE][:MAX_BATCH] (continuous@0.5: ALIT_REFILL_AT=0.5; "
-                        "lockstep/cohort: ALIT_BATCH_MODE=cohort; continuous:16: ALIT_MAX_BATCH=16); "
+    workload_arguments(p, requests=256)
+    p.add_argument("--policies", nargs="+", default=["continuous@1", "continuous", "lockstep"],
+                   help="POLICY[@REFILL_AT][/BATCH_MODE][:MAX_BATCH] (continuous@0.5: ALIT_REFILL_AT=0.5, "
+                        "without @: auto; lockstep/cohort: ALIT_BATCH_MODE=cohort; continuous:16: ALIT_MAX_BATCH=16); "
                         "the last is the baseline")
-    p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--batch-mode", default="packed")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     loaded = resolve(a.model)
