@@ -67,7 +67,7 @@ class Settings(BaseSettings):
                             "once; auto = 0.25 on a CPU, 1 on a GPU.")
     admission: Literal["max_batch", "measured"] = Field(
         "max_batch", description="Images in flight per worker: up to `max_batch`, or up to the knee of the step-cost "
-                                 "curve measured at warm-up.")
+                                 "curve measured at warm-up while less than a full batch waits.")
     compile: CompileScope = Field(
         "off", description="`torch.compile` (dynamic shapes, compiled during warm-up): `off`; `vqgan` (the VQGAN "
                            "convolution stacks only); `all` (those and the transformer blocks' per-token parts). "

@@ -99,6 +99,10 @@ def test_refill_point_is_a_quarter_on_a_cpu_and_every_slot_elsewhere_unless_set(
     q = make_policy("continuous", 32, refill_at=refill_point("auto", "cpu"))  # what a CPU worker runs
     assert q.capacity(9, backlog=1000) == 0 and q.capacity(8, backlog=1000) == 24  # saturated: a cohort at 8 left
     assert q.capacity(9, backlog=10) == 23  # below saturation: every free slot at once
+    m = make_policy("continuous", 32, refill_at=0.25)
+    m.calibrate(8)  # ALIT_ADMISSION=measured: at most 8 in flight below saturation, the whole batch when saturated
+    assert m.capacity(5, backlog=10) == 3 and m.capacity(8, backlog=31) == 0 and m.to_take(5, 0, 10) == 8
+    assert m.capacity(8, backlog=32) == 24 and m.capacity(9, backlog=100) == 0 and m.to_take(8, 0, 100) == 32
 
 
 def test_select_is_the_engine_rule_for_a_target():

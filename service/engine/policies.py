@@ -79,20 +79,21 @@ class Policy:
 class Continuous(Policy):
     name: ClassVar[str] = "continuous"
     in_flight_limit: int | None = None  # from the worker's measured cost curve (admission.py)
-    refill_at: float = 1.0  # saturated: admit once at most this fraction of the limit is running
+    refill_at: float = 1.0  # saturated: admit once at most this fraction of the batch is running
 
     @property
     def limit(self) -> int:
         return self.max_batch if self.in_flight_limit is None else min(self.max_batch, self.in_flight_limit)
 
     def capacity(self, active: int, backlog: int = 0) -> int:
-        """Free slots; but while a full batch or more is waiting, none until the running images are
-        down to `refill_at` x the limit, so newcomers arrive as one cohort: the step's images then sit
-        at two or three distinct iterations, not one per step since the oldest began, and a step
-        costs less for the same work (docs/benchmarks.md, "Saturation"). Below that load every free
-        slot is filled at once, which is what keeps latency low."""
-        if backlog >= self.limit and active > self.refill_at * self.limit:
-            return 0
+        """Free slots below the limit; but while a full batch or more is waiting (saturated), the limit
+        is the whole batch, and no slot opens until the running images are down to `refill_at` x the
+        batch, so newcomers arrive as one cohort: the step's images then sit at one to three distinct
+        iterations, not one per step since the oldest began, and a step costs less for the same work
+        (docs/benchmarks.md, "Saturation"). Below that load every free slot is filled at once, which
+        is what keeps latency low, and a measured in-flight limit keeps steps short."""
+        if backlog >= self.max_batch:
+            return 0 if active > self.refill_at * self.max_batch else self.max_batch - active
         return max(0, self.limit - active)
 
     def to_take(self, active: int, ready: int, waiting: int = 0) -> int:
@@ -100,7 +101,8 @@ class Continuous(Policy):
         so the VQGAN encode runs as one large call every few steps instead of a small one every step
         (under light load that is what is waiting, at once: nothing waits for a batch to form)."""
         free = self.capacity(active, ready + waiting)
-        return 0 if ready >= free else max(0, self.limit - ready)
+        batch = self.max_batch if ready + waiting >= self.max_batch else self.limit  # saturated: the whole batch
+        return 0 if ready >= free else max(0, batch - ready)
 
     def calibrate(self, knee: int) -> None:
         self.in_flight_limit = knee
