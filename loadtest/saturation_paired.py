@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from saturation_gap import Tally, saturation_work, workload_arguments
 
 from service.engine import EngineSettings, TokenizeJob
-from service.engine.observer import EngineObserver
 from service.engine.policies import make_policy, refill_point
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
@@ -48,16 +46,13 @@ class Lane:
         spec, _, mode = spec.partition("/")
         policy, _, refill = spec.partition("@")
         max_batch = int(size or max_batch)
-        self.tally = Tally()  # the model calls' time by stage
+        self.tally = Tally()  # the scheduler's steps (count, seconds, images) and the model calls' time by stage
         runner = ModelRunner(loaded.model, "cpu", "float32", mode or batch_mode, self.tally)
         self.name = name
         self.sched = Scheduler(runner, make_policy(policy, max_batch, refill_at=refill_point(refill or "auto", "cpu")),
-                               EngineObserver(), loaded.limits, halting=halting)
+                               self.tally, loaded.limits, halting=halting)
         self.jobs = [TokenizeJob(image=px, target=t) for px, t in work]
         self.queue = list(self.jobs)
-        self.spent = 0.0
-        self.steps = 0
-        self.stepped = 0
 
     @property
     def busy(self) -> bool:
@@ -66,11 +61,7 @@ class Lane:
     def step(self) -> None:
         take = self.sched.to_take(len(self.queue))
         new, self.queue = self.queue[:take], self.queue[take:]
-        t = time.perf_counter()
         self.sched.step(new, len(self.queue))
-        self.spent += time.perf_counter() - t
-        self.steps += 1
-        self.stepped += len(self.sched.active)
 
     def token_ids(self) -> list[np.ndarray]:
         return [np.asarray(j.future.result(timeout=0).token_ids) for j in self.jobs]
@@ -89,8 +80,8 @@ def one_round(names: list[str], loaded, work, a) -> dict[str, dict]:
         if same != len(first):
             raise SystemExit(f"{lane.name} and {lanes[0].name} disagree on {len(first) - same} "
                              f"of {len(first)} requests")
-    return {lane.name: {"throughput": len(work) / lane.spent, "step_s": lane.spent, "steps": lane.steps,
-                        "images_per_step": lane.stepped / max(1, lane.steps),
+    return {lane.name: {"throughput": len(work) / lane.tally.step_s, "step_s": lane.tally.step_s,
+                        "steps": lane.tally.steps, "images_per_step": lane.tally.stepped / max(1, lane.tally.steps),
                         "stages_s": dict(lane.tally.stages)} for lane in lanes}
 
 

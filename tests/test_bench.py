@@ -84,7 +84,7 @@ def test_policies_admit_as_their_strategy_says():
         make_policy("fifo", 32)
 
 
-def test_refill_point_is_a_quarter_on_a_cpu_and_every_slot_elsewhere_unless_set():
+def test_saturated_admission_refills_at_a_quarter_on_a_cpu_and_lifts_the_measured_cap():
     """ALIT_REFILL_AT=auto (the default) resolves per worker device; a number is taken as given; anything
     else is refused with its name, by the setting and by the bench's flag alike."""
     assert Settings().refill_at == "auto"

@@ -85,6 +85,10 @@ class Continuous(Policy):
     def limit(self) -> int:
         return self.max_batch if self.in_flight_limit is None else min(self.max_batch, self.in_flight_limit)
 
+    def _saturated(self, backlog: int) -> bool:
+        """A full batch or more is waiting: then the whole batch is the limit, refilled in cohorts."""
+        return backlog >= self.max_batch
+
     def capacity(self, active: int, backlog: int = 0) -> int:
         """Free slots below the limit; but while a full batch or more is waiting (saturated), the limit
         is the whole batch, and no slot opens until the running images are down to `refill_at` x the
@@ -92,16 +96,16 @@ class Continuous(Policy):
         iterations, not one per step since the oldest began, and a step costs less for the same work
         (docs/benchmarks.md, "Saturation"). Below that load every free slot is filled at once, which
         is what keeps latency low, and a measured in-flight limit keeps steps short."""
-        if backlog >= self.max_batch:
-            return 0 if active > self.refill_at * self.max_batch else self.max_batch - active
-        return max(0, self.limit - active)
+        if not self._saturated(backlog):
+            return max(0, self.limit - active)
+        return 0 if active > self.refill_at * self.max_batch else self.max_batch - active
 
     def to_take(self, active: int, ready: int, waiting: int = 0) -> int:
         """Encode ahead: once the encoded images cannot fill the free slots, take up to a full batch,
         so the VQGAN encode runs as one large call every few steps instead of a small one every step
         (under light load that is what is waiting, at once: nothing waits for a batch to form)."""
         free = self.capacity(active, ready + waiting)
-        batch = self.max_batch if ready + waiting >= self.max_batch else self.limit  # saturated: the whole batch
+        batch = self.max_batch if self._saturated(ready + waiting) else self.limit
         return 0 if ready >= free else max(0, batch - ready)
 
     def calibrate(self, knee: int) -> None:
