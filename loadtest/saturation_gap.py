@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,9 +62,10 @@ def _count_groups() -> None:
     transformer.pack = counting  # type: ignore[assignment]
 
 
-def saturation_work(loaded, folder: str, requests: int, max_batch: int) -> list[tuple[torch.Tensor, Target]]:
-    """The saturation workload of `alit-serve bench` on `folder`: its corpus, calibrated targets and
-    request plan, as (pixels, target) pairs."""
+def bench_plan(loaded, folder: str, max_batch: int) -> Callable[[int, int], list[tuple[torch.Tensor, Target]]]:
+    """The workload of `alit-serve bench` on `folder`: its corpus and calibrated targets, and a plan of
+    n requests drawn with a seed (the bench draws its saturation run with seed 1, its Poisson runs with
+    seed 2), as (pixels, target) pairs."""
     limits = loaded.limits
     images = workload.corpus(workload.load_folder(folder), 24)
     pixels = workload.tensors(images, limits.img_size, limits.resample)
@@ -73,8 +75,17 @@ def saturation_work(loaded, folder: str, requests: int, max_batch: int) -> list[
     if more:
         measured = measured.merged(workload.measure(loaded.model, pixels, more, True, batch=max_batch,
                                                     skip=measured.keys))
-    plan = workload.plan_requests(requests, len(images), targets, measured, limits, seed=1)
-    return [(pixels[r.image], r.target) for r in plan]
+
+    def plan(n: int, seed: int) -> list[tuple[torch.Tensor, Target]]:
+        return [(pixels[r.image], r.target)
+                for r in workload.plan_requests(n, len(images), targets, measured, limits, seed=seed)]
+
+    return plan
+
+
+def saturation_work(loaded, folder: str, requests: int, max_batch: int) -> list[tuple[torch.Tensor, Target]]:
+    """The saturation workload of `alit-serve bench` on `folder` (`bench_plan`, seed 1)."""
+    return bench_plan(loaded, folder, max_batch)(requests, 1)
 
 
 def workload_arguments(p: argparse.ArgumentParser, requests: int) -> None:

@@ -32,25 +32,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from saturation_gap import Tally, saturation_work, workload_arguments
 
 from service.engine import EngineSettings, TokenizeJob
+from service.engine.admission import measure_cost_curve
+from service.engine.observer import EngineObserver
 from service.engine.policies import make_policy, refill_point
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 from service.model.registry import resolve
+from service.model.speed import prepare_for_device
+
+_KNEES: dict[int, int] = {}
+
+
+def scheduler_for(name: str, loaded, max_batch: int, batch_mode: str, halting: bool,
+                  observer: EngineObserver) -> Scheduler:
+    """A CPU scheduler over `loaded` for a policy named POLICY[@REFILL_AT][/BATCH_MODE][:MAX_BATCH][~CAP]
+    (CAP: images in flight below saturation, a number or `measured`, ALIT_ADMISSION=measured's cost curve)."""
+    name, _, cap = name.partition("~")
+    spec, _, size = name.partition(":")
+    spec, _, mode = spec.partition("/")
+    policy_name, _, refill = spec.partition("@")
+    max_batch = int(size or max_batch)
+    model = prepare_for_device(loaded.model, "cpu")  # as an engine's CPU worker runs it (shared, as the first one)
+    runner = ModelRunner(model, "cpu", "float32", mode or batch_mode, observer)
+    policy = make_policy(policy_name, max_batch, refill_at=refill_point(refill or "auto", "cpu"))
+    if cap == "measured":
+        if max_batch not in _KNEES:  # measured once per batch size for the whole run
+            _KNEES[max_batch] = measure_cost_curve(runner, loaded.limits, max_batch, halting).knee()
+            print(f"measured in-flight limit at max batch {max_batch}: {_KNEES[max_batch]}", flush=True)
+        policy.calibrate(_KNEES[max_batch])
+    elif cap:
+        policy.calibrate(int(cap))
+    return Scheduler(runner, policy, observer, loaded.limits, halting=halting)
+
+
+POLICY_HELP = ("POLICY[@REFILL_AT][/BATCH_MODE][:MAX_BATCH][~CAP] (continuous@0.5: ALIT_REFILL_AT=0.5, without @: "
+               "auto; lockstep/cohort: ALIT_BATCH_MODE=cohort; continuous:16: ALIT_MAX_BATCH=16; continuous~measured: "
+               "ALIT_ADMISSION=measured, continuous~8: at most 8 in flight below saturation); the last is the baseline")
 
 
 class Lane:
     """One policy's scheduler and its own queue of the workload."""
 
     def __init__(self, name: str, loaded, work, max_batch: int, batch_mode: str, halting: bool):
-        spec, _, size = name.partition(":")
-        spec, _, mode = spec.partition("/")
-        policy, _, refill = spec.partition("@")
-        max_batch = int(size or max_batch)
         self.tally = Tally()  # the scheduler's steps (count, seconds, images) and the model calls' time by stage
-        runner = ModelRunner(loaded.model, "cpu", "float32", mode or batch_mode, self.tally)
         self.name = name
-        self.sched = Scheduler(runner, make_policy(policy, max_batch, refill_at=refill_point(refill or "auto", "cpu")),
-                               self.tally, loaded.limits, halting=halting)
+        self.sched = scheduler_for(name, loaded, max_batch, batch_mode, halting, self.tally)
         self.jobs = [TokenizeJob(image=px, target=t) for px, t in work]
         self.queue = list(self.jobs)
 
@@ -89,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     workload_arguments(p, requests=256)
     p.add_argument("--policies", nargs="+", default=["continuous@1", "continuous", "lockstep"],
-                   help="POLICY[@REFILL_AT][/BATCH_MODE][:MAX_BATCH] (continuous@0.5: ALIT_REFILL_AT=0.5, "
-                        "without @: auto; lockstep/cohort: ALIT_BATCH_MODE=cohort; continuous:16: ALIT_MAX_BATCH=16); "
-                        "the last is the baseline")
+                   help=POLICY_HELP)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     loaded = resolve(a.model)

@@ -65,9 +65,10 @@ class Settings(BaseSettings):
         "auto", description="Saturated (a full batch or more waiting): admit new images only once the running ones "
                             "are down to this fraction of the batch, as one cohort; 1 = fill every free slot at "
                             "once; auto = 0.25 on a CPU, 1 on a GPU.")
-    admission: Literal["max_batch", "measured"] = Field(
-        "max_batch", description="Images in flight per worker: up to `max_batch`, or up to the knee of the step-cost "
-                                 "curve measured at warm-up while less than a full batch waits.")
+    admission: Literal["auto", "max_batch", "measured"] = Field(
+        "auto", description="Images in flight per worker while less than a full batch waits: up to `max_batch`, or "
+                            "up to the knee of the step-cost curve measured at warm-up; auto = measured on a CPU, "
+                            "max_batch on a GPU.")
     compile: CompileScope = Field(
         "off", description="`torch.compile` (dynamic shapes, compiled during warm-up): `off`; `vqgan` (the VQGAN "
                            "convolution stacks only); `all` (those and the transformer blocks' per-token parts). "

@@ -256,8 +256,11 @@ def start_server(tmp_path, request):
             settings.setdefault("triton_url", f"127.0.0.1:{request.getfixturevalue('triton_ports').grpc}")
         env_extra = env or {}
         port = free_port()
+        # ALIT_ADMISSION=max_batch unless a test asks: the default (auto) times a step-cost curve at
+        # warm-up, ~2.7 s a start for the fixture model; it is tested in-process (test_bench) and by
+        # the session's tritonserver, whose three models start with the defaults
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ALIT_PORT": str(port), "ALIT_DEVICES": "cpu",
-               "ALIT_MODEL": str(FIXTURE / "checkpoint.pth"),
+               "ALIT_MODEL": str(FIXTURE / "checkpoint.pth"), "ALIT_ADMISSION": "max_batch",
                "ALIT_TORCH_THREADS": os.environ.get("ALIT_TEST_THREADS", "2")}
         env.update({f"ALIT_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
         for k in [k for k, v in settings.items() if v is None]:

@@ -12,8 +12,8 @@ from conftest import run_cli
 from pydantic import ValidationError
 
 from service.bench import DEFAULT_IMAGES, simulate, workload
-from service.engine import Target
-from service.engine.admission import CostCurve
+from service.engine import Engine, EngineSettings, Target
+from service.engine.admission import CostCurve, admission_mode
 from service.engine.policies import (CPU_REFILL_AT, Continuous, Lockstep, Reference, make_policy, refill_point,
                                      refill_setting)
 from service.model.alit import ALITLimits
@@ -103,6 +103,35 @@ def test_saturated_admission_refills_at_a_quarter_on_a_cpu_and_lifts_the_measure
     m.calibrate(8)  # ALIT_ADMISSION=measured: at most 8 in flight below saturation, the whole batch when saturated
     assert m.capacity(5, backlog=10) == 3 and m.capacity(8, backlog=31) == 0 and m.to_take(5, 0, 10) == 8
     assert m.capacity(8, backlog=32) == 24 and m.capacity(9, backlog=100) == 0 and m.to_take(8, 0, 100) == 32
+
+
+def test_admission_auto_caps_images_in_flight_at_the_measured_knee_on_a_cpu_only():
+    """ALIT_ADMISSION=auto (the default) measures the step-cost curve at warm-up on a CPU and caps images in
+    flight (below saturation) at its knee; elsewhere it takes the whole batch. A named mode is taken as given."""
+    assert Settings().admission == "auto" == EngineSettings().admission
+    assert admission_mode("auto", "cpu") == "measured" and admission_mode("auto", "cuda:0") == "max_batch"
+    assert admission_mode("max_batch", "cpu") == "max_batch" and admission_mode("measured", "cuda:1") == "measured"
+    with pytest.raises(ValueError, match="admission: 'fifo'"):
+        admission_mode("fifo", "cpu")
+    with pytest.raises(ValidationError, match="admission"):
+        Settings(admission="fifo")
+    loaded = resolve("preset:test_tiny")
+    curves = []
+    for policy, mode, capped in (("continuous", "auto", True), ("continuous", "auto", True),
+                                 ("continuous", "max_batch", False), ("lockstep", "auto", False)):
+        eng = Engine(loaded, EngineSettings(devices="cpu", max_batch=8, policy=policy, admission=mode)).start()
+        try:
+            w = eng.workers[0]
+            limit = getattr(w.scheduler.policy, "limit", None)
+            if capped:
+                assert w.cost_curve is not None and set(w.cost_curve.step_seconds) == {1, 2, 4, 8}
+                assert limit == min(8, w.cost_curve.knee())
+                curves.append(w.cost_curve)
+            else:  # nothing measured: the whole batch (lock-step has no use for a curve)
+                assert w.cost_curve is None and limit in (8, None)
+        finally:
+            eng.shutdown()
+    assert curves[0] is curves[1]  # measured once per process for the same model, device and settings
 
 
 def test_select_is_the_engine_rule_for_a_target():

@@ -18,6 +18,7 @@ from service.engine import Engine, EngineSettings, Target
 from service.model.compile import compile_scope
 from service.model.registry import resolve
 from service.model.speed import (
+    OneDNNConv,
     Speedups,
     StackForward,
     bucket_for,
@@ -25,6 +26,7 @@ from service.model.speed import (
     capture_order,
     conv_stacks,
     main,
+    onednn_convolutions,
     pad_batch,
     prepare_for_device,
     speed_up_conv_stacks,
@@ -112,6 +114,34 @@ def test_padding_up_to_a_bucket_changes_no_row(tiny):
             chunks = [8] * (n // 8) + ([n % 8] if n % 8 else [])
             assert calls == [bucket_for(c, (1, 2, 4, 8)) for c in chunks]
             torch.testing.assert_close(padded.reconstruct(logits), tiny.reconstruct(logits), **F32)  # the decoder
+
+
+# ----- a CPU: every convolution on oneDNN ------------------------------------------------------------------
+def test_on_a_cpu_an_image_encoded_alone_is_bit_for_bit_its_row_of_a_batch(tiny):
+    """Continuous batching under light load encodes arrivals one by one: the served model must give a
+    lone image the same VQGAN output as a batch does (PyTorch's own heuristic sends a lone image's small
+    convolutions to another kernel), and the default's outputs otherwise."""
+    images, logits = _inputs(5)
+    with torch.inference_mode():
+        default_alone = torch.cat([tiny.vqgan.encode(images[i:i + 1])[0] for i in range(5)])
+    served = prepare_for_device(copy.deepcopy(tiny), "cpu", "float32")
+    assert isinstance(served.vqgan.encoder.conv_in.forward, OneDNNConv)
+    assert isinstance(served.vqgan.decoder.conv_out.forward, OneDNNConv)
+    z0, ids0, gt0, px0 = _outputs(tiny, images, logits)
+    z1, ids1, gt1, px1 = _outputs(served, images, logits)
+    torch.testing.assert_close(z1, z0, **F32)
+    torch.testing.assert_close(px1, px0, **F32)
+    assert torch.equal(ids1, ids0) and torch.equal(gt1, gt0)
+    with torch.inference_mode():
+        alone = torch.cat([served.vqgan.encode(images[i:i + 1])[0] for i in range(5)])
+        torch.testing.assert_close(default_alone, z1, **F32)  # the default alone: equal to rounding only
+        assert torch.equal(alone, z1)  # served: bit for bit
+    copied = copy.deepcopy(served)  # a worker's copy runs its own weights
+    assert copied.vqgan.encoder.conv_in.forward.conv is copied.vqgan.encoder.conv_in
+    onednn_convolutions(copied, on=False)  # not a CPU (or compiled): the class's forward again
+    assert "forward" not in copied.vqgan.encoder.conv_in.__dict__
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the class's forward
+        assert served.vqgan.encode(images)[0].dtype == tiny.vqgan.encode(images)[0].dtype
 
 
 # ----- channels-last ---------------------------------------------------------------------------------------

@@ -41,14 +41,16 @@ def _progress(msg: str, t0: float) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from ..engine.admission import admission_mode
     from ..engine.policies import refill_point
     from ..model.precision import precision
     from ..model.registry import resolve
+    from ..model.speed import prepare_for_device
     from . import live, profile, simulate, workload
 
     t0 = time.perf_counter()
     loaded = resolve(args.model)
-    model = loaded.model.to(args.device).eval()
+    model = prepare_for_device(loaded.model, args.device)  # as the engines' first worker runs it (shared)
     model.retry_stricter = args.retry_stricter
     limits = loaded.limits
     img_size = limits.img_size
@@ -74,7 +76,6 @@ def run(args: argparse.Namespace) -> dict:
         speedups = engine_settings(args).speedups()
         if speedups.changes_model:  # profile (so the efficiency's ideal) the model the engines run, warmed as they are
             from ..model.compile import warm_batch_sizes
-            from ..model.speed import prepare_for_device
 
             model = cast(Any, prepare_for_device(copy.deepcopy(model), args.device, args.dtype, speedups,
                                                  args.max_batch))  # typed for ALIT; any family's stacks
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
                     "cpu": platform.processor() or platform.machine(),
                     "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None},
         "settings": {"max_batch": args.max_batch, "batch_mode": args.batch_mode, "halting": not args.no_halting,
-                     "lockstep_max_delay_s": args.max_delay, "dtype": args.dtype, "admission": args.admission,
+                     "lockstep_max_delay_s": args.max_delay, "dtype": args.dtype,
+                     "admission": admission_mode(args.admission, args.device),
                      "compile": args.compile, "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
                      "repeats": args.repeats, "refill_at": refill_point(args.refill_at, args.device)},
         "workload": {"images": str(args.images), "corpus_images": len(images),
@@ -281,6 +283,7 @@ def plot(report: dict, path: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..engine.admission import ADMISSIONS
     from ..engine.policies import refill_setting
     from ..model.compile import compile_scope
     from ..settings import Settings
@@ -298,9 +301,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refill-at", type=refill_setting, default=Settings().refill_at,
                    help="continuous batching, saturated: admit once the running images are down to this fraction of "
                         "the batch; auto: 0.25 on a CPU, 1 on a GPU (ALIT_REFILL_AT)")
-    p.add_argument("--admission", default="max_batch", choices=["max_batch", "measured"],
-                   help="continuous batching's in-flight limit: max_batch, or the knee of a cost curve "
-                        "measured at warm-up")
+    p.add_argument("--admission", default=Settings().admission, choices=list(ADMISSIONS),
+                   help="continuous batching's in-flight limit below saturation: max_batch, or the knee of a cost "
+                        "curve measured at warm-up; auto: measured on a CPU, max_batch on a GPU (ALIT_ADMISSION)")
     p.add_argument("--compile", nargs="?", const="all", default="off", type=compile_scope,
                    help="torch.compile: off, vqgan (the convolution stacks) or all (bare flag: all; ALIT_COMPILE)")
     p.add_argument("--channels-last", action="store_true",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,8 +128,76 @@ def sim_target(req: Request, limits: Limits) -> Target:
     return Target(max_l1=0.5, max_tokens=len(req.target.ladder(limits)) * tokens_per_probe(limits))
 
 
-def _latency(latencies: list[float], clock: VirtualClock, arrived: float, _future) -> None:
-    latencies.append(clock.now - arrived)
+class ArrivalLane:
+    """One scheduler fed by timed arrivals on a virtual clock, the worker's loop mirrored (take what
+    `Scheduler.to_take` asks, a request-level batcher's fill wait, step with the queue's length; an
+    idle worker jumps to the next arrival). With the simulated device the device's calls move the
+    clock; with a real runner (`wall=True`) each step moves it by the step's measured wall time, so
+    several lanes over one real model can be stepped in turn, the one whose clock is earliest first,
+    and a host's slow spell lands on all of them alike (loadtest/latency_paired.py)."""
+
+    def __init__(self, sched: Scheduler, arrivals: list[tuple[float, TokenizeJob]], clock: VirtualClock,
+                 wall: bool = False):
+        self.sched, self.clock, self.wall = sched, clock, wall
+        self.pending = collections.deque(sorted(arrivals, key=lambda a: a[0]))
+        self.queue: collections.deque[tuple[float, TokenizeJob]] = collections.deque()
+        self.running: list[tuple[float, TokenizeJob]] = []  # taken from the queue, not yet answered
+        self.latencies: list[float] = []
+        self.iterations: list[int] = []
+        self.first = self.pending[0][0] if self.pending else 0.0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.queue or self.sched.holding)
+
+    def _arrive(self, until: float) -> None:
+        while self.pending and self.pending[0][0] <= until:
+            self.queue.append(self.pending.popleft())
+
+    def turn(self) -> None:
+        """One pass of the worker's loop: at most one scheduler step."""
+        sched, clock, policy = self.sched, self.clock, self.sched.policy
+        self._arrive(clock.now)
+        if not self.queue and not sched.holding:
+            clock.now = self.pending[0][0]
+            return
+        cap = sched.to_take(len(self.queue))
+        if cap and policy.fill_wait and not sched.holding:  # a batcher waits (virtually) to fill
+            fill_by = clock.now + policy.fill_wait
+            while len(self.queue) < cap and self.pending and self.pending[0][0] <= fill_by:
+                clock.now = max(clock.now, self.pending[0][0])
+                self._arrive(clock.now)
+            if len(self.queue) < cap:
+                clock.now = max(clock.now, fill_by)
+                self._arrive(clock.now)
+        new = [self.queue.popleft() for _ in range(min(cap, len(self.queue)))]
+        if not new and not sched.holding:
+            return
+        self.running += new
+        t = time.perf_counter()
+        sched.step([j for _, j in new], len(self.queue))
+        if self.wall:
+            clock.now += time.perf_counter() - t
+        still = []
+        for at, j in self.running:
+            if not j.future.done():
+                still.append((at, j))
+            elif j.future.exception() is None:
+                self.latencies.append(clock.now - at)
+                self.iterations.append(j.future.result().iterations)
+        self.running = still
+
+    def run(self) -> dict:
+        while self.busy:
+            self.turn()
+        return self.summary()
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies)
+        makespan = self.clock.now - self.first
+        return {"requests": len(lat), "makespan_s": makespan, "throughput": len(lat) / makespan,
+                "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+                "mean_iterations": float(np.mean(self.iterations))}
 
 
 def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limits: Limits,
@@ -139,44 +207,13 @@ def simulate(policy_name: str, reqs: list[Request], arrivals: list[float], limit
     policy = make_policy(policy_name, max_batch, lockstep_max_delay, refill_at)
     policy.calibrate(sim_cost_curve(costs, max_batch).knee())
     sched = Scheduler(device, policy, EngineObserver(), limits, halting=True)  # type: ignore[arg-type]
-    pending = collections.deque(sorted(zip(arrivals, range(len(reqs)))))
-    queue: collections.deque[tuple[float, TokenizeJob]] = collections.deque()
-    latencies: list[float] = []
-    iterations: list[int] = []
-
-    def arrive(until: float) -> None:
-        while pending and pending[0][0] <= until:
-            at, i = pending.popleft()
-            job = TokenizeJob(image=torch.zeros(0), target=sim_target(reqs[i], limits))
-            quality_met = reqs[i].target_met and reqs[i].target.tokens is None
-            device.halts_at[id(job)] = reqs[i].halts_at if quality_met else None
-            job.future.add_done_callback(functools.partial(_latency, latencies, clock, at))
-            job.future.add_done_callback(lambda f: iterations.append(f.result().iterations))
-            queue.append((at, job))
-
-    while pending or queue or sched.holding:
-        arrive(clock.now)
-        if not queue and not sched.holding:
-            clock.now = pending[0][0]
-            continue
-        cap = sched.to_take(len(queue))
-        if cap and policy.fill_wait and not sched.holding:  # a batcher waits (virtually) to fill
-            fill_by = clock.now + policy.fill_wait
-            while len(queue) < cap and pending and pending[0][0] <= fill_by:
-                clock.now = max(clock.now, pending[0][0])
-                arrive(clock.now)
-            if len(queue) < cap:
-                clock.now = max(clock.now, fill_by)
-                arrive(clock.now)
-        new = [queue.popleft()[1] for _ in range(min(cap, len(queue)))]
-        if not new and not sched.holding:
-            continue
-        sched.step(new, len(queue))  # type: ignore[arg-type]
-    lat = np.array(latencies)
-    makespan = clock.now - min(arrivals)
-    return {"requests": len(reqs), "makespan_s": makespan, "throughput": len(reqs) / makespan,
-            "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
-            "mean_iterations": float(np.mean(iterations))}
+    jobs = []
+    for req in reqs:
+        job = TokenizeJob(image=torch.zeros(0), target=sim_target(req, limits))
+        quality_met = req.target_met and req.target.tokens is None
+        device.halts_at[id(job)] = req.halts_at if quality_met else None
+        jobs.append(job)
+    return ArrivalLane(sched, list(zip(arrivals, jobs)), clock).run()
 
 
 def sim_cost_curve(costs: SimCosts, max_batch: int) -> CostCurve:

@@ -24,6 +24,21 @@ from .scheduler import Scheduler
 from .targets import Limits, Target
 
 TOLERANCE = 0.10  # per-image cost within 10 % of the best measured counts as "as cheap"
+ADMISSIONS = ("auto", "max_batch", "measured")
+
+
+def admission_mode(setting: str, device: str) -> str:
+    """`ALIT_ADMISSION` for a worker on `device`: `max_batch` or `measured` as given; `auto` measures
+    on a CPU, where a step costs what its images cost, so images in flight past the knee only stretch
+    every running image's steps (p99 at 70 % of lock-step's saturation load 0.94x lock-step's with the
+    cap, 1.06x without, on scikit-image's samples; docs/benchmarks.md, "Latency, paired"), and takes
+    the whole batch elsewhere: a GPU step costs about the same up to the device's saturation, so its
+    knee is the batch (not yet measured on a real GPU; loadtest/gpu_checks.sh)."""
+    if setting not in ADMISSIONS:
+        raise ValueError(f"admission: {setting!r} is none of {', '.join(ADMISSIONS)}")
+    if setting != "auto":
+        return setting
+    return "measured" if device.startswith("cpu") else "max_batch"
 
 
 @dataclass
@@ -45,6 +60,19 @@ class CostCurve:
         return {"step_seconds": {str(n): s for n, s in sorted(self.step_seconds.items())},
                 "per_image_seconds": {str(n): self.per_image(n) for n in sorted(self.step_seconds)},
                 "knee": self.knee()}
+
+
+_MEASURED: dict[tuple, CostCurve] = {}
+
+
+def cost_curve_for(key: tuple, runner: ModelRunner, limits: Limits, max_batch: int, halting: bool) -> CostCurve:
+    """`measure_cost_curve`, once per process for `key` (the model's fingerprint, the device, and every
+    setting and thread count the cost depends on): an engine started again in the same process (the
+    benchmark starts one per run) takes the curve its predecessor measured (~2.5 s for the shipped model on
+    2 CPU threads)."""
+    if key not in _MEASURED:
+        _MEASURED[key] = measure_cost_curve(runner, limits, max_batch, halting)
+    return _MEASURED[key]
 
 
 def sizes_up_to(max_batch: int) -> list[int]:

@@ -59,6 +59,7 @@ class Policy:
     fill_wait: float = 0.0  # seconds an idle worker waits for a batch to fill
     measure_every_iteration: ClassVar[bool] = False  # decode pixels even where the target needs none
     runs_to_cap: ClassVar[bool] = False  # keep iterating after the target is met
+    uses_cost_curve: ClassVar[bool] = False  # `calibrate` acts (ALIT_ADMISSION=measured is worth measuring)
 
     def capacity(self, active: int, backlog: int = 0) -> int:
         """Images that may start iterating now, with `active` images running and `backlog` waiting
@@ -78,6 +79,7 @@ class Policy:
 @dataclass
 class Continuous(Policy):
     name: ClassVar[str] = "continuous"
+    uses_cost_curve: ClassVar[bool] = True
     in_flight_limit: int | None = None  # from the worker's measured cost curve (admission.py)
     refill_at: float = 1.0  # saturated: admit once at most this fraction of the batch is running
 

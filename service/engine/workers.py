@@ -24,7 +24,7 @@ import torch
 from ..model.checkpoint import LoadedModel
 from ..model.compile import warm_batch_sizes
 from ..model.speed import Speedups, prepare_for_device
-from .admission import CostCurve, measure_cost_curve
+from .admission import CostCurve, admission_mode, cost_curve_for
 from .errors import EngineError, EngineStopped, EngineUnavailable, QueueFull, StepFailed
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
@@ -66,7 +66,8 @@ class EngineSettings:
     lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill
     refill_at: float | str = "auto"  # continuous, saturated: admit at this share running (policies.refill_point)
     warmup: bool = True
-    admission: str = "max_batch"  # max_batch | measured: in flight up to the cost curve's knee (at warm-up)
+    admission: str = "auto"  # max_batch | measured: in flight up to the cost curve's knee (at warm-up) | auto
+    # (measured on a CPU: admission.admission_mode)
     compile: bool | str = False  # torch.compile: off | vqgan | all (True = all, False = off; model/compile.py)
     channels_last: bool = False  # the VQGAN convolutions in channels-last memory format (model/speed.py)
     cuda_graphs: bool = False  # the VQGAN convolutions as CUDA graphs over bucketed batch sizes (CUDA only)
@@ -150,9 +151,11 @@ class Worker(threading.Thread):
                 self.scheduler.step([])
             for job in jobs:
                 job.future.result(timeout=0)
-        if self.engine.settings.admission == "measured":
-            st = self.engine.settings
-            self.cost_curve = measure_cost_curve(self.runner, self.engine.limits, st.max_batch, st.halting)
+        st = self.engine.settings
+        if self.scheduler.policy.uses_cost_curve and admission_mode(st.admission, self.device) == "measured":
+            key = (self.engine.loaded.fingerprint, self.device, st.dtype, st.batch_mode, st.max_batch, st.halting,
+                   torch.get_num_threads(), st.speedups())
+            self.cost_curve = cost_curve_for(key, self.runner, self.engine.limits, st.max_batch, st.halting)
             self.scheduler.policy.calibrate(self.cost_curve.knee())
             log.info("%s: step cost curve %s -> at most %d images in flight", self.device,
                      {n: round(s * 1000, 1) for n, s in self.cost_curve.step_seconds.items()}, self.cost_curve.knee())

@@ -282,6 +282,43 @@ def capture_graphs(model: nn.Module, device: str, dtype: str) -> int:
     return held
 
 
+# ----- a CPU: every convolution on oneDNN -----------------------------------------------------------------
+class OneDNNConv:
+    """A `Conv2d`'s forward on a CPU in float32 (autocast off): oneDNN's convolution, the kernel PyTorch
+    itself picks for a 3x3 convolution over two or more images. For ONE image PyTorch's heuristic falls
+    back to its reference im2col convolution for small inputs (3x3 kernels over at most 20480 values:
+    the VQGAN encoder's lowest levels; 1x1 kernels on one thread below 16 images), which on this CPU
+    costs about 2.5x as much per layer (the shipped model's encode of one image: 4.7 ms instead of 6.9,
+    docs/benchmarks.md) and rounds differently, so an image encoded alone differed (~1e-6) from the
+    same image encoded in a batch: continuous batching under light load encodes its arrivals one by
+    one. On oneDNN an image's output is bit for bit its row of any batch (tests/test_speed_settings.py).
+    Anything else (another device or dtype, autocast, another padding mode) takes the class's forward."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or c.weight.dtype != torch.float32
+                or torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled):
+            return type(c).forward(c, x)
+        return torch.ops.aten.mkldnn_convolution(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
+
+
+def onednn_convolutions(model: M, on: bool) -> M:
+    """With `on` (a CPU, not compiled) and oneDNN built in, every plain `Conv2d` of `model` (zero
+    padding given as numbers) gets a `OneDNNConv` forward; otherwise each gets its class's forward
+    back. In place; returns `model`. Its outputs are the default's to rounding (float32), so a model
+    shared as it was loaded may be prepared this way (`Speedups.changes_model` stays False)."""
+    on = on and torch.backends.mkldnn.is_available()
+    for m in model.modules():
+        if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str) and on:
+            cast(Any, m).forward = OneDNNConv(m)  # on the instance, as a stack's StackForward
+        elif isinstance(m, nn.Conv2d):
+            m.__dict__.pop("forward", None)
+    return model
+
+
 def prepare_for_device(model: M, device: str, dtype: str = "float32", speedups: Speedups | None = None,
                        max_batch: int = 32) -> M:
     """`model` moved to `device` in eval mode, with `speedups` applied in place (compile.py's scope:
@@ -293,6 +330,7 @@ def prepare_for_device(model: M, device: str, dtype: str = "float32", speedups: 
         raise ValueError(f"ALIT_CUDA_GRAPHS needs a CUDA device, and this worker's device is {device!r} "
                          "(set ALIT_DEVICES to CUDA devices only, or ALIT_CUDA_GRAPHS=false)")
     model = model.to(device).eval()
+    onednn_convolutions(model, on=torch.device(device).type == "cpu" and sp.compile == "off")  # compiled: own kernels
     if sp.compile == "all":
         compile_blocks(model)
     speed_up_conv_stacks(model, channels_last=sp.channels_last, compiled=sp.compile != "off",
