@@ -34,6 +34,9 @@
 #   bench_bf16_refill025   the same with --refill-at 0.25 (saturated: cohorts once a quarter of the batch is
 #                          left, the CPU's default) against the GPU's default 1.0 (every free slot at once):
 #                          which wins on a GPU is not measured yet (docs/benchmarks.md, "Saturation")
+#   bench_bf16_measured    the same with --admission measured (a CPU's default: images in flight below
+#                          saturation capped at the step-cost curve's knee) against the GPU's max_batch
+#                          (docs/benchmarks.md, "Latency, paired"); its JSON records the knee
 #   bulk_bf16              tokenize-dataset against the engine alone (loadtest/bulk_vs_engine.py), same model,
 #                          dtype and images: GPU_IMAGES (500) of make_folders.py --gpu, made in the background
 #   speed_bf16             every speed setting (ALIT_CHANNELS_LAST, ALIT_CUDA_GRAPHS) against the default
@@ -152,6 +155,8 @@ steps() {
     --batch-mode padded --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_padded.json" "$@"
   step bench_bf16_refill025 "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_refill025.txt "${bench_cmd[@]}" \
     --refill-at 0.25 --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_refill025.json" "$@"
+  step bench_bf16_measured "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_measured.txt "${bench_cmd[@]}" \
+    --admission measured --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_measured.json" "$@"
   step bulk_bf16 "${BULK_CAP:-120}" bulk_cuda_alit_small_bfloat16.txt bash -c \
     "${folders_pid:+while kill -0 $folders_pid 2>/dev/null; do sleep 0.5; done; }exec \"$py\" loadtest/bulk_vs_engine.py \"$folders/gpu\" --device cuda \
      --dtype bfloat16 --model preset:alit_small --repeats \"${BULK_REPEATS:-3}\" \

@@ -70,6 +70,7 @@ def one_load_round(names: list[str], loaded, work, arrivals: list[float], a) -> 
         lat, its = np.array(lane.latencies), np.array(lane.iterations)
         longest = lat[its == its.max()]
         out[n] = {**s, "busy": tallies[n].step_s / s["makespan_s"], "steps": tallies[n].steps,
+                  "in_flight_limit": getattr(lane.sched.policy, "limit", None),
                   "images_per_step": tallies[n].stepped / max(1, tallies[n].steps),
                   "p99_longest_s": float(np.percentile(longest, 99)), "longest": int(its.max()),
                   "mean_s": float(lat.mean()), "step_s": tallies[n].step_s,
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {rep + 1}: " + "; ".join(
             f"{n} p50 {r[n]['p50_s']:.3f} s ({r[n]['p50_s'] / r[base]['p50_s']:.2f}x) p99 {r[n]['p99_s']:.3f} s "
             f"({r[n]['p99_s'] / r[base]['p99_s']:.2f}x), p99 of {r[n]['longest']}-probe walkers "
-            f"{r[n]['p99_longest_s']:.3f} s, busy {r[n]['busy']:.0%}, {r[n]['images_per_step']:.1f} per step, "
+            f"{r[n]['p99_longest_s']:.3f} s, busy {r[n]['busy']:.0%}, {r[n]['images_per_step']:.1f} per step "
+            f"(limit {r[n]['in_flight_limit']}), "
             f"{r[n]['step_s']:.1f} s in steps ("
             + " ".join(f"{k} {v:.1f}" for k, v in sorted(r[n]["stages_s"].items())) + ")"
             for n in a.policies), flush=True)

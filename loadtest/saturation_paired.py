@@ -32,15 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from saturation_gap import Tally, saturation_work, workload_arguments
 
 from service.engine import EngineSettings, TokenizeJob
-from service.engine.admission import measure_cost_curve
+from service.engine.admission import cost_curve_for
 from service.engine.observer import EngineObserver
 from service.engine.policies import make_policy, refill_point
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 from service.model.registry import resolve
 from service.model.speed import prepare_for_device
-
-_KNEES: dict[int, int] = {}
 
 
 def scheduler_for(name: str, loaded, max_batch: int, batch_mode: str, halting: bool,
@@ -55,11 +53,9 @@ def scheduler_for(name: str, loaded, max_batch: int, batch_mode: str, halting: b
     model = prepare_for_device(loaded.model, "cpu")  # as an engine's CPU worker runs it (shared, as the first one)
     runner = ModelRunner(model, "cpu", "float32", mode or batch_mode, observer)
     policy = make_policy(policy_name, max_batch, refill_at=refill_point(refill or "auto", "cpu"))
-    if cap == "measured":
-        if max_batch not in _KNEES:  # measured once per batch size for the whole run
-            _KNEES[max_batch] = measure_cost_curve(runner, loaded.limits, max_batch, halting).knee()
-            print(f"measured in-flight limit at max batch {max_batch}: {_KNEES[max_batch]}", flush=True)
-        policy.calibrate(_KNEES[max_batch])
+    if cap == "measured":  # as a worker does at warm-up, once per process and setting
+        key = (loaded.fingerprint, "cpu", "float32", mode or batch_mode, max_batch, halting, torch.get_num_threads())
+        policy.calibrate(cost_curve_for(key, runner, loaded.limits, max_batch, halting).knee())
     elif cap:
         policy.calibrate(int(cap))
     return Scheduler(runner, policy, observer, loaded.limits, halting=halting)
