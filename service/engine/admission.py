@@ -89,9 +89,10 @@ def measure_cost_curve(runner: ModelRunner, limits: Limits, max_batch: int, halt
     flight: every step admits k = n / (max_probes / 2) new images (an image stays about half the
     iterations) while the k oldest leave, so a step holds what a busy step holds — the encode of its
     admissions, one packed iteration for all n, their quality checks, and the scheduler's own work.
-    The best of `repeats` steps per size; nothing is kept (a scheduler and images of its own)."""
+    One scheduler per size, their steps interleaved round by round (1, 2, 4, ... then again), so a slow
+    spell of a shared host lands on every size alike rather than on one, which would move the knee;
+    the best of `repeats` steps per size. Nothing is kept (schedulers and images of its own)."""
     size = limits.img_size
-    sched = Scheduler(runner, Continuous(max_batch=max_batch), EngineObserver(), limits, halting=halting)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2 * max_batch, 3, size, size, generator=g)
     never = Target(max_l1=1e-9)  # quality measured at every iteration, never met
@@ -100,12 +101,15 @@ def measure_cost_curve(runner: ModelRunner, limits: Limits, max_batch: int, halt
     def new_jobs(k: int) -> list[Job]:
         return [TokenizeJob(image=images[next(counter) % len(images)], target=never) for _ in range(k)]
 
-    curve = CostCurve()
-    for n in sizes_up_to(max_batch):
-        k = max(1, round(n / max(1.0, limits.max_probes / 2)))
+    sizes = sizes_up_to(max_batch)
+    scheds = {n: Scheduler(runner, Continuous(max_batch=max_batch), EngineObserver(), limits, halting=halting)
+              for n in sizes}
+    for n, sched in scheds.items():
         sched.step(new_jobs(n))
-        best = float("inf")
-        for r in range(repeats + 1):  # the first step warms this size's shapes
+    best = dict.fromkeys(sizes, float("inf"))
+    for r in range(repeats + 1):  # the first round warms every size's shapes
+        for n, sched in scheds.items():
+            k = max(1, round(n / max(1.0, limits.max_probes / 2)))
             for j in sched.active[:k]:
                 j.future.cancel()
             t = time.perf_counter()
@@ -113,9 +117,9 @@ def measure_cost_curve(runner: ModelRunner, limits: Limits, max_batch: int, halt
             if runner.device.startswith("cuda"):
                 torch.cuda.synchronize(runner.device)
             if r:
-                best = min(best, time.perf_counter() - t)
-        curve.step_seconds[n] = best
+                best[n] = min(best[n], time.perf_counter() - t)
+    for sched in scheds.values():
         for j in sched.active:
             j.future.cancel()
         sched.step([])
-    return curve
+    return CostCurve(best)
