@@ -68,7 +68,7 @@ _MEASURED: dict[tuple, CostCurve] = {}
 def cost_curve_for(key: tuple, runner: ModelRunner, limits: Limits, max_batch: int, halting: bool) -> CostCurve:
     """`measure_cost_curve`, once per process for `key` (the model's fingerprint, the device, and every
     setting and thread count the cost depends on): an engine started again in the same process (the
-    benchmark starts one per run) takes the curve its predecessor measured (~2.5 s for the shipped model on
+    benchmark starts one per run) takes the curve its predecessor measured (~3.5 s for the shipped model on
     2 CPU threads)."""
     if key not in _MEASURED:
         _MEASURED[key] = measure_cost_curve(runner, limits, max_batch, halting)
@@ -84,7 +84,7 @@ def sizes_up_to(max_batch: int) -> list[int]:
 
 
 def measure_cost_curve(runner: ModelRunner, limits: Limits, max_batch: int, halting: bool,
-                       repeats: int = 3) -> CostCurve:
+                       repeats: int = 5) -> CostCurve:
     """Time steady-state steps of a real scheduler on `runner` at 1, 2, 4, ... max_batch images in
     flight: every step admits k = n / (max_probes / 2) new images (an image stays about half the
     iterations) while the k oldest leave, so a step holds what a busy step holds — the encode of its
