@@ -54,8 +54,7 @@ def scheduler_for(name: str, loaded, max_batch: int, batch_mode: str, halting: b
     runner = ModelRunner(model, "cpu", "float32", mode or batch_mode, observer)
     policy = make_policy(policy_name, max_batch, refill_at=refill_point(refill or "auto", "cpu"))
     if cap == "measured":  # as a worker does at warm-up, once per process and setting
-        key = (loaded.fingerprint, "cpu", "float32", mode or batch_mode, max_batch, halting, torch.get_num_threads())
-        policy.calibrate(cost_curve_for(key, runner, loaded.limits, max_batch, halting).knee())
+        policy.calibrate(cost_curve_for(runner, loaded.limits, max_batch, halting, loaded.fingerprint).knee())
     elif cap:
         policy.calibrate(int(cap))
     return Scheduler(runner, policy, observer, loaded.limits, halting=halting)

@@ -65,11 +65,14 @@ class CostCurve:
 _MEASURED: dict[tuple, CostCurve] = {}
 
 
-def cost_curve_for(key: tuple, runner: ModelRunner, limits: Limits, max_batch: int, halting: bool) -> CostCurve:
-    """`measure_cost_curve`, once per process for `key` (the model's fingerprint, the device, and every
-    setting and thread count the cost depends on): an engine started again in the same process (the
-    benchmark starts one per run) takes the curve its predecessor measured (~3.5 s for the shipped model on
-    2 CPU threads)."""
+def cost_curve_for(runner: ModelRunner, limits: Limits, max_batch: int, halting: bool, fingerprint: str,
+                   speedups: object = None) -> CostCurve:
+    """`measure_cost_curve`, once per process for the same model (`fingerprint`), device, dtype, batch
+    mode, batch, halting, speedups and torch thread count: an engine started again in the same process
+    (the benchmark starts one per run) takes the curve its predecessor measured (~3.5 s for the shipped
+    model on 2 CPU threads)."""
+    key = (fingerprint, runner.device, runner.dtype, runner.model.batch_mode, max_batch, halting, speedups,
+           torch.get_num_threads())
     if key not in _MEASURED:
         _MEASURED[key] = measure_cost_curve(runner, limits, max_batch, halting)
     return _MEASURED[key]

@@ -153,9 +153,8 @@ class Worker(threading.Thread):
                 job.future.result(timeout=0)
         st = self.engine.settings
         if self.scheduler.policy.uses_cost_curve and admission_mode(st.admission, self.device) == "measured":
-            key = (self.engine.loaded.fingerprint, self.device, st.dtype, st.batch_mode, st.max_batch, st.halting,
-                   torch.get_num_threads(), st.speedups())
-            self.cost_curve = cost_curve_for(key, self.runner, self.engine.limits, st.max_batch, st.halting)
+            self.cost_curve = cost_curve_for(self.runner, self.engine.limits, st.max_batch, st.halting,
+                                             self.engine.loaded.fingerprint, st.speedups())
             self.scheduler.policy.calibrate(self.cost_curve.knee())
             log.info("%s: step cost curve %s -> at most %d images in flight", self.device,
                      {n: round(s * 1000, 1) for n, s in self.cost_curve.step_seconds.items()}, self.cost_curve.knee())
