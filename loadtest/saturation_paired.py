@@ -38,7 +38,7 @@ from service.engine.policies import make_policy, refill_point
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 from service.model.registry import resolve
-from service.model.speed import prepare_for_device
+from service.model.speed import Speedups, prepare_for_device
 
 
 def scheduler_for(name: str, loaded, max_batch: int, batch_mode: str, halting: bool,
@@ -54,7 +54,8 @@ def scheduler_for(name: str, loaded, max_batch: int, batch_mode: str, halting: b
     runner = ModelRunner(model, "cpu", "float32", mode or batch_mode, observer)
     policy = make_policy(policy_name, max_batch, refill_at=refill_point(refill or "auto", "cpu"))
     if cap == "measured":  # as a worker does at warm-up, once per process and setting
-        policy.calibrate(cost_curve_for(runner, loaded.limits, max_batch, halting, loaded.fingerprint).knee())
+        curve = cost_curve_for(runner, loaded.limits, max_batch, halting, loaded.fingerprint, Speedups())
+        policy.calibrate(curve.knee())
     elif cap:
         policy.calibrate(int(cap))
     return Scheduler(runner, policy, observer, loaded.limits, halting=halting)

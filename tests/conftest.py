@@ -257,7 +257,7 @@ def start_server(tmp_path, request):
         env_extra = env or {}
         port = free_port()
         # ALIT_ADMISSION=max_batch unless a test asks: the default (auto) times a step-cost curve at
-        # warm-up, ~3.5 s a start for the fixture model; it is tested in-process (test_bench) and by
+        # warm-up, 3.5-4.5 s a start for the fixture model; it is tested in-process (test_bench) and by
         # the session's tritonserver, whose three models start with the defaults
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ALIT_PORT": str(port), "ALIT_DEVICES": "cpu",
                "ALIT_MODEL": str(FIXTURE / "checkpoint.pth"), "ALIT_ADMISSION": "max_batch",

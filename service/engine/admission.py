@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.speed import Speedups
 from .jobs import Job, TokenizeJob
 from .observer import EngineObserver
 from .policies import Continuous
@@ -66,11 +67,11 @@ _MEASURED: dict[tuple, CostCurve] = {}
 
 
 def cost_curve_for(runner: ModelRunner, limits: Limits, max_batch: int, halting: bool, fingerprint: str,
-                   speedups: object = None) -> CostCurve:
+                   speedups: Speedups) -> CostCurve:
     """`measure_cost_curve`, once per process for the same model (`fingerprint`), device, dtype, batch
     mode, batch, halting, speedups and torch thread count: an engine started again in the same process
-    (the benchmark starts one per run) takes the curve its predecessor measured (~3.5 s for the shipped
-    model on 2 CPU threads)."""
+    (the benchmark starts one per run) takes the curve its predecessor measured (3.5-4.7 s for the shipped
+    model on 2 CPU threads, by the host's speed)."""
     key = (fingerprint, runner.device, runner.dtype, runner.model.batch_mode, max_batch, halting, speedups,
            torch.get_num_threads())
     if key not in _MEASURED:
