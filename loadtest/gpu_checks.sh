@@ -24,13 +24,16 @@
 # In order (each cap an environment variable, the header it prints lists them):
 #   env                    nvidia-smi and torch's view of the GPU
 #   verify                 the reference fixtures on CUDA: ALIT in bfloat16 and float32 (packed, then
-#                          cohort and padded), KARL and One-D-Piece in both
+#                          cohort and padded), KARL and One-D-Piece in both; all three in bfloat16 with
+#                          --batch-mode varlen (flash attention's variable-length kernel)
 #   bench_bf16             alit-serve bench --device cuda --model preset:alit_small --quick --flops at 256 px:
 #                          per-stage profile, FLOP utilisation, per-strategy saturation throughput, p50/p99
 #                          at 40 % and 70 % load
 #   bench_bf16_padded      the same with --batch-mode padded: one attention call per step over mixed lengths
 #                          (key masks) instead of packed mode's one per distinct length, which the H200 run
 #                          suggests costs continuous batching its 7-10 % at saturation
+#   bench_bf16_varlen      the same with --batch-mode varlen: packed tokens and ONE variable-length flash
+#                          attention call per layer, neither padding FLOPs nor a call per length
 #   bench_bf16_refill025   the same with --refill-at 0.25 (saturated: cohorts once a quarter of the batch is
 #                          left, the CPU's default) against the GPU's default 1.0 (every free slot at once):
 #                          which wins on a GPU is not measured yet (docs/benchmarks.md, "Saturation")
@@ -87,6 +90,7 @@ from service.cli import main
 runs = [("alit-reference", dtype, "packed") for dtype in ("bfloat16", "float32")]
 runs += [(f, dtype, None) for f in ("karl-reference", "one-d-piece-reference") for dtype in ("bfloat16", "float32")]
 runs += [("alit-reference", dtype, mode) for mode in ("cohort", "padded") for dtype in ("bfloat16", "float32")]
+runs += [(f, "bfloat16", "varlen") for f in ("alit-reference", "karl-reference", "one-d-piece-reference")]
 failed = 0
 for fixture, dtype, mode in runs:
     argv = ["verify", f"tests/fixtures/{fixture}", "--device", "cuda", "--dtype", dtype]
@@ -153,6 +157,8 @@ steps() {
     --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16.json" "$@"
   step bench_bf16_padded "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_padded.txt "${bench_cmd[@]}" \
     --batch-mode padded --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_padded.json" "$@"
+  step bench_bf16_varlen "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_varlen.txt "${bench_cmd[@]}" \
+    --batch-mode varlen --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_varlen.json" "$@"
   step bench_bf16_refill025 "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_refill025.txt "${bench_cmd[@]}" \
     --refill-at 0.25 --dtype bfloat16 --json "$out/bench_cuda_alit_small_bfloat16_refill025.json" "$@"
   step bench_bf16_measured "${BENCH_CAP:-240}" bench_cuda_alit_small_bfloat16_measured.txt "${bench_cmd[@]}" \

@@ -76,7 +76,6 @@ def _reconstruct(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     import torch
 
-    from .model.checkpoint import CheckpointError
     from .verify import verify
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -85,7 +84,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         report = verify(args.fixture, device=args.device, dtype=args.dtype, batch_mode=args.batch_mode,
                         compiled=args.compile)
-    except (CheckpointError, FileNotFoundError, KeyError) as e:
+    except (FileNotFoundError, KeyError, ValueError) as e:  # a CheckpointError, a batch mode that cannot run here
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"fixture {args.fixture} on {args.device} ({args.dtype}, {args.batch_mode} batching"
@@ -149,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bulk.cli import bare_ray
 
         argv = bare_ray(argv)
+    from .model.config import BATCH_MODES
+
     p = argparse.ArgumentParser(prog="alit-serve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("fixture", help="fixture directory (config.json, checkpoint.pth, expected.npz)")
     v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    v.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
+    v.add_argument("--batch-mode", default="packed", choices=BATCH_MODES)
     v.add_argument("--compile", action="store_true", help="torch.compile the model first (as ALIT_COMPILE)")
     v.set_defaults(func=_verify)
 

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .engine import EngineSettings
 from .engine.policies import refill_setting
 from .model.compile import CompileScope, compile_scope
+from .model.config import BatchMode
 
 
 def shipped_weights() -> Path:
@@ -58,9 +59,10 @@ class Settings(BaseSettings):
         "continuous", description="`continuous` (images join and leave at every iteration); `lockstep` (a batch runs "
                                   "until its last image is done) and `reference` (one image at a time) are the "
                                   "benchmark baselines, to compare the whole service under each.")
-    batch_mode: Literal["packed", "cohort", "padded"] = Field(
-        "packed", description="Mixed iterations: packed tokens (attention per image), same-length cohorts, or one "
-                              "padded call.")
+    batch_mode: BatchMode = Field(
+        "packed", description="Mixed iterations: packed tokens (attention per image), same-length cohorts, one "
+                              "padded call, or `varlen`: packed with attention in one variable-length flash call "
+                              "(CUDA, float16/bfloat16 only).")
     refill_at: float | Literal["auto"] = Field(
         "auto", description="Saturated (a full batch or more waiting): admit new images only once the running ones "
                             "are down to this fraction of the batch, as one cohort; 1 = fill every free slot at "

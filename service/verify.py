@@ -118,10 +118,14 @@ def run_iterations(model: ALIT, images: torch.Tensor, halting: bool = False, thr
 
 def verify(fixture: str | Path, device: str = "cpu", dtype: str = "float32",
            batch_mode: BatchMode = "packed", compiled: bool = False) -> Report:
-    """Check this implementation against a golden fixture of any registered family."""
+    """Check this implementation against a golden fixture of any registered family. A batch mode that
+    cannot run on `device` in `dtype` raises ValueError (transformer.check_batch_mode)."""
     import importlib
 
     from .model.registry import family_of_fixture
+    from .model.transformer import check_batch_mode
+
+    check_batch_mode(batch_mode, device, dtype)
 
     module, _, fn = family_of_fixture(Path(fixture)).verifier.partition(":")
     check = getattr(importlib.import_module(module), fn)

@@ -286,6 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..engine.admission import ADMISSIONS
     from ..engine.policies import refill_setting
     from ..model.compile import compile_scope
+    from ..model.config import BATCH_MODES
     from ..settings import Settings
 
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images the workload is built from")
@@ -297,7 +298,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay", type=float, default=0.010, help="lock-step batcher's max queue delay (s)")
-    p.add_argument("--batch-mode", default="packed", choices=["packed", "cohort", "padded"])
+    p.add_argument("--batch-mode", default="packed", choices=BATCH_MODES)
     p.add_argument("--refill-at", type=refill_setting, default=Settings().refill_at,
                    help="continuous batching, saturated: admit once the running images are down to this fraction of "
                         "the batch; auto: 0.25 on a CPU, 1 on a GPU (ALIT_REFILL_AT)")

@@ -17,7 +17,7 @@ import torch
 
 from ..model.family import Tokenizer, content_seed, quality
 from ..model.precision import is_oom, precision
-from ..model.transformer import BatchMode
+from ..model.transformer import check_batch_mode
 from .jobs import Job, ReconstructJob, TokenizeJob
 from .observer import EngineObserver
 
@@ -58,7 +58,7 @@ class ModelRunner:
         self.dtype = dtype
         self.observer = observer
         self.fault_hook: Callable[[list[Job]], None] | None = None  # tests inject model-call failures
-        model.batch_mode = cast(BatchMode, batch_mode)
+        model.batch_mode = check_batch_mode(batch_mode, device, dtype)  # a ValueError stops the worker's start
 
     def precision(self) -> contextlib.AbstractContextManager:
         return precision(self.device, self.dtype)

@@ -60,7 +60,7 @@ class EngineSettings:
     max_batch: int = 32
     max_queue: int = 256
     policy: str = "continuous"  # continuous | lockstep | reference (the last two: benchmark baselines)
-    batch_mode: str = "packed"  # packed | cohort | padded: how images at different iterations share a call
+    batch_mode: str = "packed"  # packed | cohort | padded | varlen: how a step shares calls (model/transformer.py)
     halting: bool = True  # 2D-token dynamic halting, as the published model runs
     dtype: str = "float32"
     lockstep_max_delay: float = 0.010  # seconds a lockstep batch waits to fill

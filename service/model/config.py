@@ -9,7 +9,12 @@ base 2D tokenizer. Both round-trip through plain dicts (our `config.json`), and
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
+
+# How a step's sequences of different lengths share a call (transformer.run_blocks), named here where
+# nothing imports torch, so the command line offers them without loading it.
+BatchMode = Literal["packed", "cohort", "padded", "varlen"]
+BATCH_MODES: tuple[str, ...] = get_args(BatchMode)
 
 
 class ConfigError(ValueError):

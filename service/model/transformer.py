@@ -2,21 +2,64 @@
 
 Pre-LN blocks with `nn.MultiheadAttention`'s packed parameter layout (so published state dicts load
 strictly), run through fused SDPA; `run_blocks` runs sequences of different lengths through a
-stack of blocks in one call per layer ("packed"), per same-length cohort, or padded with masks, and
-each sequence's result depends only on itself. `LatentQuantizer` is the 1D vector quantiser
+stack of blocks in one call per layer ("packed"; "varlen": the same with attention in ONE
+variable-length flash-attention call, CUDA in float16 / bfloat16), per same-length cohort, or padded
+with masks, and each sequence's result depends only on itself. `LatentQuantizer` is the 1D vector quantiser
 (L2-normalised codes) both families use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BatchMode = Literal["packed", "cohort", "padded"]
+from .config import BATCH_MODES, BatchMode
+
+VARLEN_DTYPES = ("float16", "bfloat16")  # what flash attention's variable-length kernel takes
+
+
+def check_batch_mode(mode: str, device: str, dtype: str) -> BatchMode:
+    """`mode` for a model serving on `device` in `dtype`, or a ValueError naming what is wrong: an unknown
+    mode, or "varlen" where its kernel cannot run (not CUDA, float32, or a torch without it)."""
+    if mode not in BATCH_MODES:
+        raise ValueError(f"batch mode {mode!r} is none of {', '.join(BATCH_MODES)}")
+    if mode == "varlen":
+        if torch.device(device).type != "cuda" or dtype not in VARLEN_DTYPES:
+            raise ValueError(f"batch mode 'varlen' runs flash attention's variable-length kernel: CUDA in "
+                             f"{' or '.join(VARLEN_DTYPES)} only, and here it would run on {device!r} in {dtype} "
+                             "(use packed there)")
+        if _varlen_kernel() is None:
+            raise ValueError(f"batch mode 'varlen' needs torch.nn.attention.varlen (torch >= 2.10); this is "
+                             f"torch {torch.__version__}")
+    return cast(BatchMode, mode)
+
+
+def _varlen_kernel() -> Callable | None:
+    """torch's variable-length attention (q, k, v as (tokens, heads, head_dim); cumulative sequence
+    starts; longest lengths), or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+class Runs:
+    """How `pack` laid sequences out: `groups`, runs of same-length sequences as (start row, count,
+    length); with `varlen`, also every sequence's boundaries on the device (int32 cumulative starts,
+    N + 1 of them) and the longest length, for one variable-length attention call per layer."""
+
+    def __init__(self, groups: list[tuple[int, int, int]], varlen_on: torch.device | None = None):
+        self.groups = groups
+        self.cu_seqlens: torch.Tensor | None = None
+        self.max_len = max((g[2] for g in groups), default=0)
+        if varlen_on is not None:
+            ends = [start + (j + 1) * length for start, count, length in groups for j in range(count)]
+            self.cu_seqlens = torch.tensor([0, *ends], dtype=torch.int32, device=varlen_on)
 
 
 class Attention(nn.Module):
@@ -38,13 +81,18 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
 
-    def attend_packed(self, qkv: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        """`qkv` (N, 3W): the projections of several sequences back to back; `groups` lists (start
-        row, count, length) runs of same-length sequences. Attention per run; (N, W) before out_proj."""
+    def attend_packed(self, qkv: torch.Tensor, runs: Runs) -> torch.Tensor:
+        """`qkv` (N, 3W): the projections of several sequences back to back, laid out as `runs` says.
+        Attention per run of same-length sequences, or for all of them in one variable-length call
+        where `runs` has their boundaries; (N, W) before out_proj."""
         w = qkv.shape[-1] // 3
         d = w // self.heads
+        if runs.cu_seqlens is not None:
+            kernel = cast(Callable, _varlen_kernel())
+            q, k, v = (t.view(-1, self.heads, d) for t in qkv.split(w, dim=-1))
+            return kernel(q, k, v, runs.cu_seqlens, runs.cu_seqlens, runs.max_len, runs.max_len).reshape(-1, w)
         ys = []
-        for start, count, length in groups:
+        for start, count, length in runs.groups:
             part = qkv[start : start + count * length].view(count, length, 3 * w)
             q, k, v = (t.view(count, length, self.heads, d).transpose(1, 2) for t in part.split(w, dim=-1))
             y = F.scaled_dot_product_attention(q, k, v)
@@ -76,11 +124,11 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), key_mask)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_packed(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+    def forward_packed(self, x: torch.Tensor, runs: Runs) -> torch.Tensor:
         """`x` (N, W): several sequences back to back (see `pack`). Everything but attention works per
         token, in the two functions of `token_fns` (plain, or compiled: model/compile.py)."""
         before, after = self.token_fns
-        return after(self, x, self.attn.attend_packed(before(self, x), groups))
+        return after(self, x, self.attn.attend_packed(before(self, x), runs))
 
 
 def attention_inputs(blk: Block, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +177,8 @@ def run_blocks(blocks: nn.ModuleList, seqs: list[Seq], mode: BatchMode) -> list[
     """Run a list of (L_i, W) sequences of possibly different lengths through `blocks`.
 
     "packed": every sequence's tokens concatenated (no padding), each LayerNorm / linear / MLP one
-    call over all of them, attention one call per run of same-length sequences. "cohort": one
+    call over all of them, attention one call per run of same-length sequences. "varlen": the same,
+    with attention one variable-length call for all of them (`check_batch_mode` says where). "cohort": one
     batched call per distinct length. "padded": one call, keys beyond each sequence's length masked
     out. Either way each sequence's result depends only on itself.
     """
@@ -139,10 +188,11 @@ def run_blocks(blocks: nn.ModuleList, seqs: list[Seq], mode: BatchMode) -> list[
             x = blk(x, key_mask)
         return x
 
-    if mode == "packed":
+    if mode in ("packed", "varlen"):
         x, groups, rows = pack(seqs)
+        runs = Runs(groups, x.device if mode == "varlen" else None)
         for blk in blocks:
-            x = cast(Block, blk).forward_packed(x, groups)
+            x = cast(Block, blk).forward_packed(x, runs)
         return [x[r] for r in rows]
     full = [s if isinstance(s, torch.Tensor) else torch.cat(s) for s in seqs]
     lengths = [s.shape[0] for s in full]
