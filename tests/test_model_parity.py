@@ -18,6 +18,8 @@ def test_state_dict_names_and_shapes_match_the_reference(ref_model, fixture_dir)
 
 
 def test_verify_passes_on_the_fixture_in_every_batch_mode(fixture_dir):
+    # and varlen, whose kernel runs on CUDA only: test_batching runs its layout with a stand-in kernel,
+    # loadtest/gpu_checks.sh verifies it on a GPU
     for mode in ("packed", "cohort", "padded"):
         report = verify(fixture_dir, batch_mode=mode)
         assert report.ok, report.table()
