@@ -278,3 +278,14 @@ def test_families_options_and_cuda_device():
     if not torch.cuda.is_available():  # accepted, then refused cleanly where there is no GPU
         r = run_cli("bench", "--families", "a=preset:test_tiny", "--device", "cuda")
         assert r.returncode == 2 and "no CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_bench_refuses_what_would_stop_an_engine_before_measuring_anything():
+    """A batch mode or speed setting the device cannot run is one line before any work, not a traceback
+    after the profile."""
+    from service.cli import main
+
+    with pytest.raises(SystemExit, match="^error: batch mode 'varlen' runs flash attention"):
+        main(["bench", "--batch-mode", "varlen", "--quick", "--no-simulate"])
+    with pytest.raises(SystemExit, match="^error: ALIT_CUDA_GRAPHS needs a CUDA device"):
+        main(["bench", "--cuda-graphs", "--quick", "--no-simulate"])

@@ -342,8 +342,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..model.speed import Speedups, check_speedups
+    from ..model.transformer import check_batch_mode
+
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1 (got {args.repeats})")
+    try:  # what would stop an engine's start, said before any measuring
+        check_batch_mode(args.batch_mode, args.device, args.dtype)
+        check_speedups(Speedups.of(args.channels_last, args.compile, args.cuda_graphs), args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.families:

@@ -319,6 +319,13 @@ def onednn_convolutions(model: M, on: bool) -> M:
     return model
 
 
+def check_speedups(sp: Speedups, device: str) -> None:
+    """A ValueError naming the setting when `sp` cannot run on `device` (CUDA graphs off CUDA)."""
+    if sp.cuda_graphs and torch.device(device).type != "cuda":
+        raise ValueError(f"ALIT_CUDA_GRAPHS needs a CUDA device, and this worker's device is {device!r} "
+                         "(set ALIT_DEVICES to CUDA devices only, or ALIT_CUDA_GRAPHS=false)")
+
+
 def prepare_for_device(model: M, device: str, dtype: str = "float32", speedups: Speedups | None = None,
                        max_batch: int = 32) -> M:
     """`model` moved to `device` in eval mode, with `speedups` applied in place (compile.py's scope:
@@ -326,9 +333,7 @@ def prepare_for_device(model: M, device: str, dtype: str = "float32", speedups: 
     graphs captured for every bucket up to `max_batch` in `dtype`; returns it. CUDA graphs on a
     device that is not CUDA raise ValueError (start-up stops with the message)."""
     sp = speedups or Speedups()
-    if sp.cuda_graphs and torch.device(device).type != "cuda":
-        raise ValueError(f"ALIT_CUDA_GRAPHS needs a CUDA device, and this worker's device is {device!r} "
-                         "(set ALIT_DEVICES to CUDA devices only, or ALIT_CUDA_GRAPHS=false)")
+    check_speedups(sp, device)
     model = model.to(device).eval()
     onednn_convolutions(model, on=torch.device(device).type == "cpu" and sp.compile == "off")  # compiled: own kernels
     if sp.compile == "all":
