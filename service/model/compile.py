@@ -11,7 +11,7 @@ does not recompile:
   when those are on too).
 How much is compiled is the scope (`ALIT_COMPILE`, read by `compile_scope`, the one rule): `off`,
 `vqgan` (the convolution stacks only) or `all` (both; `true` means `all`, as before the scope existed).
-Only the `packed` batch mode runs the compiled block parts. The first calls compile (tens of
+Only the `packed` and `varlen` batch modes run the compiled block parts. The first calls compile (tens of
 seconds on a CPU); the engine's warm-up pays that before the worker reports ready, running the batch
 sizes `warm_batch_sizes` gives, in that order.
 """

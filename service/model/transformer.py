@@ -4,8 +4,8 @@ Pre-LN blocks with `nn.MultiheadAttention`'s packed parameter layout (so publish
 strictly), run through fused SDPA; `run_blocks` runs sequences of different lengths through a
 stack of blocks in one call per layer ("packed"; "varlen": the same with attention in ONE
 variable-length flash-attention call, CUDA in float16 / bfloat16), per same-length cohort, or padded
-with masks, and each sequence's result depends only on itself. `LatentQuantizer` is the 1D vector quantiser
-(L2-normalised codes) both families use.
+with masks, and each sequence's result depends only on itself. `LatentQuantizer` is the 1D vector
+quantiser (L2-normalised codes) both families use.
 """
 
 from __future__ import annotations
