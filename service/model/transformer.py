@@ -50,16 +50,18 @@ def _varlen_kernel() -> Callable | None:
 
 class Runs:
     """How `pack` laid sequences out: `groups`, runs of same-length sequences as (start row, count,
-    length); with `varlen`, also every sequence's boundaries on the device (int32 cumulative starts,
-    N + 1 of them) and the longest length, for one variable-length attention call per layer."""
+    length). With `varlen_on` (a device), also what one variable-length attention call per layer needs,
+    found once per stack rather than per layer: the kernel, every sequence's boundaries on the device
+    (int32 cumulative starts, N + 1 of them) and the longest length."""
 
     def __init__(self, groups: list[tuple[int, int, int]], varlen_on: torch.device | None = None):
         self.groups = groups
-        self.cu_seqlens: torch.Tensor | None = None
-        self.max_len = max((g[2] for g in groups), default=0)
+        self.kernel: Callable | None = None
         if varlen_on is not None:
             ends = [start + (j + 1) * length for start, count, length in groups for j in range(count)]
+            self.kernel = _varlen_kernel()
             self.cu_seqlens = torch.tensor([0, *ends], dtype=torch.int32, device=varlen_on)
+            self.max_len = max(length for _, _, length in groups)
 
 
 class Attention(nn.Module):
@@ -87,10 +89,9 @@ class Attention(nn.Module):
         where `runs` has their boundaries; (N, W) before out_proj."""
         w = qkv.shape[-1] // 3
         d = w // self.heads
-        if runs.cu_seqlens is not None:
-            kernel = cast(Callable, _varlen_kernel())
+        if runs.kernel is not None:
             q, k, v = (t.view(-1, self.heads, d) for t in qkv.split(w, dim=-1))
-            return kernel(q, k, v, runs.cu_seqlens, runs.cu_seqlens, runs.max_len, runs.max_len).reshape(-1, w)
+            return runs.kernel(q, k, v, runs.cu_seqlens, runs.cu_seqlens, runs.max_len, runs.max_len).reshape(-1, w)
         ys = []
         for start, count, length in runs.groups:
             part = qkv[start : start + count * length].view(count, length, 3 * w)
